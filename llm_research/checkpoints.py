@@ -1,0 +1,70 @@
+"""Orbax checkpoints of the train state together with the data iterator's position.
+
+A checkpoint that cannot be restored (corrupt or partial) is refused with a message, moved aside
+to `<workdir>/corrupt_checkpoints/<step>` (nothing is deleted) and the previous one is used.
+"""
+import logging
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from etils import epath
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, *, keep: int, every: int, async_save: bool = True):
+    self.workdir = epath.Path(workdir)
+    self.manager = ocp.CheckpointManager(
+        self.workdir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=every, create=True,
+            enable_async_checkpointing=async_save))
+
+  def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    """Saves if `step` is on the save interval (or `force`); returns whether it did."""
+    return self.manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host once any host got a preemption notice (multi-host safe)."""
+    return self.manager.reached_preemption(step)
+
+  def restore_latest(self, abstract_state, data_iterator):
+    """(state, step) from the newest checkpoint that restores, or (None, 0) if there is none.
+
+    `abstract_state` gives shapes, dtypes and shardings, so params come back already sharded;
+    the data iterator is moved to the saved position in place.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      except Exception as error:  # orbax raises many types for a damaged checkpoint
+        self._quarantine(step, error)
+        continue
+      return restored.state, step
+    return None, 0
+
+  def _quarantine(self, step: int, error: Exception) -> None:
+    target = self.workdir / "corrupt_checkpoints" / str(step)
+    logging.error("checkpoint at step %d is corrupt or partial and is refused (%s: %s); "
+                  "moved to %s, trying the previous one", step, type(error).__name__,
+                  str(error).splitlines()[0][:300] if str(error) else "", target)
+    print(f"refusing corrupt checkpoint at step {step} ({type(error).__name__}); "
+          f"moved to {target}; falling back to the previous checkpoint", flush=True)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.workdir / "checkpoints" / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+    self.manager.reload()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

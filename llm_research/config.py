@@ -1,0 +1,111 @@
+"""Config schema, loading and command-line overrides.
+
+An experiment is a Python file whose `get_config()` returns an ml_collections ConfigDict built
+from `base_config()`. The base config is locked: a key it does not define, set in an experiment
+or on the command line, is an error that names it.
+"""
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Iterable
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # Transformer core (llm_research.models.TransformerConfig; vocab_size comes from the tokenizer).
+  c.model = ml_collections.ConfigDict(dict(
+      num_layers=4, embed_dim=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768,
+      rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True, dtype="float32",
+      scan_layers=True, remat_policy="none", attention_impl="xla"))
+
+  # Data (llm_research.data.pipeline documents each field).
+  cache = os.path.join(os.path.expanduser("~"), ".cache", "llm_research")
+  c.data = ml_collections.ConfigDict(dict(
+      source="stdlib", stdlib_config="full", tfds_name="", text_key="text", text_dir="",
+      data_dir=os.path.join(cache, "tensorflow_datasets"), cache_dir=cache,
+      tokenizer="sentencepiece", vocab_size=4096, seq_len=256, shuffle_seed=0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=32, grad_accum=1, learning_rate=3e-3, warmup_steps=100,
+      schedule="cosine", final_lr_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.95,
+      grad_clip=1.0, z_loss=0.0, seed=0,
+      log_every=10, eval_every=200, eval_batches=16,
+      checkpoint_every=200, keep_checkpoints=3, async_checkpoints=True,
+      peak_flops_per_device=0.0,  # 0: look it up by device kind (unknown on CPU: no MFU)
+      progress_bar=True))
+
+  # Mesh axes; one may be -1 (fills the devices left). Rules map logical axes to mesh axes in
+  # priority order: a mesh axis already used by an earlier rule in the same array is skipped.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  c.logical_axis_rules = [
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+      ("embed", "fsdp"),
+      ("expert", "expert"),
+      ("length", None), ("head_dim", None), ("layers", None),
+  ]
+
+  c.sample = ml_collections.ConfigDict(dict(
+      prompt="def ", max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95, seed=0))
+  c.lock()
+  return c
+
+
+def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """Runs `get_config()` from a Python file, then applies `key=value` overrides."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location("_experiment_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} defines no get_config()")
+  config = module.get_config()
+  config.lock()
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r} is not of the form key=value")
+    set_key(config, key, value)
+  return config
+
+
+def set_key(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
+  """Sets `a.b.c` from its command-line text, keeping the type the config gives the key."""
+  *parents, leaf = dotted_key.split(".")
+  node, path = config, []
+  for name in parents + [leaf]:
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      hint = difflib.get_close_matches(name, keys, n=1)
+      where = ".".join(path) or "the config"
+      raise KeyError(f"unknown config key {dotted_key!r}: {where} has no {name!r}"
+                     + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    if name != leaf:
+      node = node[name]
+      path.append(name)
+  node[leaf] = _parse(text, node[leaf], dotted_key)
+
+
+def _parse(text: str, current, key: str):
+  if isinstance(current, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"config key {key!r} takes true/false, got {text!r}")
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ValueError(f"config key {key!r}: cannot parse {text!r}") from None
+  if isinstance(current, float) and isinstance(value, int):
+    return float(value)
+  if current is not None and not isinstance(value, type(current)):
+    raise ValueError(f"config key {key!r} takes a {type(current).__name__}, got {text!r}")
+  return value

@@ -1,0 +1,76 @@
+"""The command line: train (and resume) an experiment in a workdir.
+
+    python -m llm_research.main --config experiments/<name>.py --workdir <dir> \
+        [--config.<key>=<value> ...]
+
+Multi-host: every host runs the same command with `--multihost` (TPU pods and SLURM/GPU
+clusters are detected by `jax.distributed.initialize()`), or with an explicit
+`--coordinator_address`, `--num_processes` and `--process_id`.
+"""
+import argparse
+import json
+import os
+import sys
+
+import jax
+
+from llm_research import config as config_lib
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog="python -m llm_research.main", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="experiments/<name>.py")
+  parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+  parser.add_argument("--multihost", action="store_true",
+                      help="call jax.distributed.initialize() with auto-detection")
+  parser.add_argument("--coordinator_address", help="host:port of process 0")
+  parser.add_argument("--num_processes", type=int)
+  parser.add_argument("--process_id", type=int)
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for i, item in enumerate(rest):
+    if not item.startswith("--config."):
+      parser.error(f"unrecognized argument {item!r} (config overrides look like "
+                   "--config.train.steps=100)")
+    key_value = item[len("--config."):]
+    overrides.append(key_value)
+  for item in overrides:
+    if "=" not in item:
+      parser.error(f"override --config.{item} needs a value: --config.{item}=<value>")
+  return args, overrides
+
+
+def initialize_distributed(args) -> None:
+  if args.coordinator_address:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  elif args.multihost:
+    jax.distributed.initialize()
+
+
+def main(argv=None) -> dict:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    config = config_lib.load_config(args.config, overrides)
+  except (KeyError, ValueError, FileNotFoundError, AttributeError) as error:
+    sys.exit(f"error: {error.args[0] if error.args else error}")
+  initialize_distributed(args)
+
+  from llm_research import data, decode, train  # after distributed init
+
+  os.makedirs(args.workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(args.workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
+        f"processes: {jax.process_count()}")
+  final = train.train_and_evaluate(config, args.workdir)
+  if "eval_loss" in final and jax.process_index() == 0:
+    print(f"step {final['step'] if 'step' in final else config.train.steps}: "
+          f"train loss {final['loss']:.4f}, validation loss {final['eval_loss']:.4f}")
+  return final
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,88 @@
+"""Meshes from config, logical-axis rules, sharded init and sharded batches.
+
+Model code names only logical axes; this module turns them into `NamedSharding`s on a mesh with
+axes (data, fsdp, tensor, expert). Works the same for one process or many (one per host).
+"""
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Resolves the config's axis sizes (one may be -1) against the device count."""
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  described = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh ({described}): sizes must be positive, with at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh ({described}) does not fit {num_devices} devices: "
+                       f"{num_devices} is not divisible by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh ({described}) needs {math.prod(sizes)} devices, "
+                     f"but there are {num_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def rules_from_config(config) -> tuple:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in config.logical_axis_rules)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a pytree whose leaves carry logical-axis metadata (others replicate)."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules) -> tuple[Any, Any]:
+  """Runs `init_fn` (no args, returns a boxed pytree) with every output created sharded.
+
+  Returns (unboxed values, their shardings); no host ever holds a full copy.
+  """
+  abstract = jax.eval_shape(init_fn)
+  shardings = logical_shardings(abstract, mesh, rules)
+  with mesh, nn.logical_axis_rules(rules):
+    values = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+  return values, shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches split their leading dim over the data axes and replicate the rest."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if global_batch_size % ways or global_batch_size % jax.process_count():
+    raise ValueError(
+        f"train.batch_size={global_batch_size} cannot be split over the data axes "
+        f"(data x fsdp = {ways} ways) and {jax.process_count()} processes: "
+        "choose a multiple of both")
+
+
+def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Per-process numpy rows -> global jax.Arrays sharded over the data axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

@@ -1,0 +1,257 @@
+"""Training: the train state, optimizer, jitted step, eval, and the resumable loop."""
+import functools
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm.auto import tqdm
+
+from llm_research import data, sharding
+from llm_research.checkpoints import Checkpointer
+from llm_research.metrics import (MetricsWriter, peak_flops_per_device,
+                                  training_flops_per_token)
+from llm_research.models import Transformer, TransformerConfig
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw key data (uint32), so the checkpoint holds it like any array
+
+
+def model_config_from(config, vocab_size: int) -> TransformerConfig:
+  return TransformerConfig(vocab_size=vocab_size, **config.model.to_dict())
+
+
+def learning_rate_schedule(tc) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine or linear decay to `final_lr_fraction` of it."""
+  decay_steps = max(tc.steps - tc.warmup_steps, 1)
+  final = tc.learning_rate * tc.final_lr_fraction
+  if tc.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(tc.learning_rate, decay_steps, alpha=tc.final_lr_fraction)
+  elif tc.schedule == "linear":
+    decay = optax.linear_schedule(tc.learning_rate, final, decay_steps)
+  else:
+    raise ValueError(f"train.schedule={tc.schedule!r} is not 'cosine' or 'linear'")
+  warmup = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
+  return optax.join_schedules([warmup, decay], [tc.warmup_steps])
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; weight decay only on matrices (kernels, embedding)."""
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
+  return optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0 else optax.identity(),
+      optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2,
+                  weight_decay=tc.weight_decay, mask=decay_mask))
+
+
+def token_losses(logits, targets, weights, z_loss: float = 0.0):
+  """Sums over tokens: (objective, negative log-likelihood, number of tokens)."""
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
+  nll = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  weights = weights.astype(jnp.float32)
+  nll_sum = jnp.sum(nll * weights)
+  return nll_sum + z_loss * jnp.sum(jnp.square(log_z) * weights), nll_sum, jnp.sum(weights)
+
+
+def _batch_losses(params, model, batch, z_loss):
+  logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                       batch["segment_ids"])
+  return token_losses(logits, batch["targets"], batch["segment_ids"] > 0, z_loss)
+
+
+def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, grad_accum: int,
+               z_loss: float):
+  """One optimizer update on a global batch, optionally in `grad_accum` micro-batches.
+
+  The gradient is that of the mean token loss over the whole batch, however it is split.
+  """
+  if grad_accum == 1:
+    grads, nll, count = _value_and_grads(state.params, model, batch, z_loss)
+  else:
+    # [batch, ...] -> [grad_accum, batch / grad_accum, ...], keeping each device's rows local.
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+        batch)
+
+    def accumulate(carry, micro_batch):
+      g, n, c = _value_and_grads(state.params, model, micro_batch, z_loss)
+      return jax.tree.map(jnp.add, carry, (g, n, c)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+    (grads, nll, count), _ = jax.lax.scan(accumulate, zeros, micro)
+  count = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+  metrics = {"loss": nll / count, "grad_norm": optax.global_norm(grads),
+             "learning_rate": schedule(state.step)}
+  return new_state, metrics
+
+
+def _value_and_grads(params, model, batch, z_loss):
+  """Gradient of the summed objective, with the summed NLL and token count."""
+  def objective(p):
+    total, nll, count = _batch_losses(p, model, batch, z_loss)
+    return total, (nll, count)
+  (_, (nll, count)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  return grads, nll, count
+
+
+def eval_step(params, batch, *, model):
+  _, nll, count = _batch_losses(params, model, batch, 0.0)
+  return nll, count
+
+
+class Trainer:
+  """Everything a run needs, built from its config: model, mesh, optimizer, compiled steps."""
+
+  def __init__(self, config, tokenizer):
+    tc = config.train
+    self.config = config
+    self.tokenizer = tokenizer
+    self.model_config = model_config_from(config, tokenizer.vocab_size)
+    self.model = Transformer(self.model_config)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = sharding.rules_from_config(config)
+    sharding.check_batch_size(tc.batch_size, self.mesh)
+    if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
+      raise ValueError(f"train.grad_accum={tc.grad_accum} must divide "
+                       f"train.batch_size={tc.batch_size}")
+    sharding.check_batch_size(tc.batch_size // tc.grad_accum, self.mesh)
+    self.optimizer = make_optimizer(tc)
+    self.state_shardings = sharding.logical_shardings(
+        jax.eval_shape(self._init_boxed), self.mesh, self.rules)
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    step = functools.partial(train_step, model=self.model, optimizer=self.optimizer,
+                             schedule=learning_rate_schedule(tc), grad_accum=tc.grad_accum,
+                             z_loss=tc.z_loss)
+    self._train_step = jax.jit(step, in_shardings=(self.state_shardings, batch_sharding),
+                               out_shardings=(self.state_shardings, None), donate_argnums=0)
+    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model),
+                              in_shardings=(self.state_shardings.params, batch_sharding))
+
+  def _init_boxed(self) -> TrainState:
+    tc = self.config.train
+    params_key, state_key = jax.random.split(jax.random.key(tc.seed))
+    tokens = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
+    params = self.model.init(params_key, tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params), rng=jax.random.key_data(state_key))
+
+  def init_state(self) -> TrainState:
+    """A fresh state, created already sharded (no host holds a full copy)."""
+    with self.mesh, nn.logical_axis_rules(self.rules):
+      return jax.jit(lambda: nn.meta.unbox(self._init_boxed()),
+                     out_shardings=self.state_shardings)()
+
+  def abstract_state(self) -> TrainState:
+    shapes = nn.meta.unbox(jax.eval_shape(self._init_boxed))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_shardings)
+
+  def step(self, state: TrainState, local_batch: dict):
+    with self.mesh, nn.logical_axis_rules(self.rules):
+      return self._train_step(state, sharding.shard_batch(local_batch, self.mesh))
+
+  def evaluate(self, params, num_batches: int) -> dict:
+    """Mean token loss over the first `num_batches` batches of the validation split."""
+    it = data.make_eval_iterator(
+        self.config.data, self.tokenizer, global_batch_size=self.config.train.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    nll, count = 0.0, 0.0
+    with self.mesh, nn.logical_axis_rules(self.rules):
+      for _, batch in zip(range(num_batches), it):
+        n, c = self._eval_step(params, sharding.shard_batch(batch, self.mesh))
+        nll, count = nll + float(n), count + float(c)
+    if count == 0:
+      raise ValueError("the validation split gave no tokens to evaluate on")
+    return {"eval_loss": nll / count, "eval_perplexity": float(np.exp(nll / count))}
+
+
+class _StopFlag:
+  """Set by SIGTERM (how a preempted TPU VM is told), checked between steps."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = signal.signal(signal.SIGTERM, self._set)
+
+  def _set(self, *_):
+    self.raised = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains per `config` in `workdir`, resuming from its newest good checkpoint.
+
+  Returns the last logged metrics (with the final eval). Saves every `checkpoint_every` steps,
+  on SIGTERM and at the end; a resumed run continues the exact trajectory (params, optimizer,
+  step, RNG and data position all come from the checkpoint).
+  """
+  tc = config.train
+  tokenizer = data.get_tokenizer(config.data)
+  trainer = Trainer(config, tokenizer)
+  train_iter = data.make_train_iterator(
+      config.data, tokenizer, global_batch_size=tc.batch_size, seed=tc.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints, every=tc.checkpoint_every,
+                              async_save=tc.async_checkpoints)
+  state, start = checkpointer.restore_latest(trainer.abstract_state(), train_iter)
+  if state is None:
+    state = trainer.init_state()
+  writer = MetricsWriter(workdir)
+  writer.truncate_after(start)
+
+  tokens_per_step = tc.batch_size * config.data.seq_len
+  flops_per_step = training_flops_per_token(trainer.model_config, config.data.seq_len) \
+      * tokens_per_step
+  peak = peak_flops_per_device(tc.peak_flops_per_device)
+  stop = _StopFlag()
+  bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not tc.progress_bar
+             or jax.process_index() != 0, dynamic_ncols=True)
+  record, interval_start, interval_steps = {}, time.perf_counter(), 0
+  try:
+    for step in range(start + 1, tc.steps + 1):
+      state, metrics = trainer.step(state, next(train_iter))
+      interval_steps += 1
+      is_last = step == tc.steps
+      if step % tc.log_every == 0 or is_last or step % tc.eval_every == 0:
+        record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        seconds = (time.perf_counter() - interval_start) / interval_steps
+        record.update(perplexity=float(np.exp(record["loss"])), step_time_s=seconds,
+                      tokens_per_s=tokens_per_step / seconds)
+        if peak:
+          record["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
+        if step % tc.eval_every == 0 or is_last:
+          record.update(trainer.evaluate(state.params, tc.eval_batches))
+        writer.write(step, record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        interval_start, interval_steps = time.perf_counter(), 0
+      bar.update(1)
+      preempted = stop.raised if jax.process_count() == 1 else \
+          checkpointer.reached_preemption(step)
+      checkpointer.save(step, state, train_iter, force=is_last or preempted)
+      if preempted:
+        checkpointer.wait()
+        print(f"stopped by SIGTERM; saved step {step}. Re-run the same command to resume.")
+        break
+  finally:
+    stop.restore()
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  return record
