@@ -14,17 +14,16 @@ from etils import epath
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, *, keep: int, every: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     self.workdir = epath.Path(workdir)
     self.manager = ocp.CheckpointManager(
         self.workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every, create=True,
-            enable_async_checkpointing=async_save))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=async_save))
 
-  def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
-    """Saves if `step` is on the save interval (or `force`); returns whether it did."""
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
+  def save(self, step: int, state, data_iterator) -> None:
+    """Saves (asynchronously if so configured) the state and the data position at `step`."""
+    self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator)))
 
@@ -32,17 +31,18 @@ class Checkpointer:
     """True on every host once any host got a preemption notice (multi-host safe)."""
     return self.manager.reached_preemption(step)
 
-  def restore_latest(self, abstract_state, data_iterator):
+  def restore_latest(self, abstract_state, data_iterator=None):
     """(state, step) from the newest checkpoint that restores, or (None, 0) if there is none.
 
     `abstract_state` gives shapes, dtypes and shardings, so params come back already sharded;
-    the data iterator is moved to the saved position in place.
+    the data iterator, if given, is moved to the saved position in place.
     """
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as error:  # orbax raises many types for a damaged checkpoint
         self._quarantine(step, error)
         continue

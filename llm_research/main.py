@@ -8,7 +8,6 @@ clusters are detected by `jax.distributed.initialize()`), or with an explicit
 `--coordinator_address`, `--num_processes` and `--process_id`.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -57,7 +56,7 @@ def main(argv=None) -> dict:
     sys.exit(f"error: {error.args[0] if error.args else error}")
   initialize_distributed(args)
 
-  from llm_research import data, decode, train  # after distributed init
+  from llm_research import sample, train  # after distributed init
 
   os.makedirs(args.workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -66,11 +65,16 @@ def main(argv=None) -> dict:
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
         f"processes: {jax.process_count()}")
   final = train.train_and_evaluate(config, args.workdir)
-  if "eval_loss" in final and jax.process_index() == 0:
-    print(f"step {final['step'] if 'step' in final else config.train.steps}: "
-          f"train loss {final['loss']:.4f}, validation loss {final['eval_loss']:.4f}")
+  if jax.process_count() == 1 and "eval_loss" in final:  # multi-host: use llm_research.sample
+    _, tokenizer, trainer, params, step = sample.load_run(args.workdir)
+    baseline = train.unigram_baseline(config, tokenizer)
+    print(f"step {step}: validation loss {final['eval_loss']:.3f} nats/token; "
+          f"unigram baseline {baseline:.3f}")
+    if config.sample.max_new_tokens > 0:
+      text = sample.sample_texts(config, tokenizer, trainer.model_config, params,
+                                 [config.sample.prompt])[0]
+      print(f"sample:\n{config.sample.prompt}{text}")
   return final
-
 
 if __name__ == "__main__":
   main()

@@ -167,12 +167,18 @@ class Trainer:
 
   def evaluate(self, params, num_batches: int) -> dict:
     """Mean token loss over the first `num_batches` batches of the validation split."""
+    global_batch_size = self.config.train.batch_size
     it = data.make_eval_iterator(
-        self.config.data, self.tokenizer, global_batch_size=self.config.train.batch_size,
+        self.config.data, self.tokenizer, global_batch_size=global_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())
+    rows = global_batch_size // jax.process_count()
+    empty_batch = {k: np.zeros((rows, self.config.data.seq_len), np.int32)
+                   for k in ("inputs", "targets", "segment_ids", "positions")}
     nll, count = 0.0, 0.0
     with self.mesh, nn.logical_axis_rules(self.rules):
-      for _, batch in zip(range(num_batches), it):
+      for _ in range(num_batches):
+        # Every process runs the same number of steps: one out of data feeds empty rows.
+        batch = next(it, None) or empty_batch
         n, c = self._eval_step(params, sharding.shard_batch(batch, self.mesh))
         nll, count = nll + float(n), count + float(c)
     if count == 0:
@@ -205,10 +211,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tokenizer = data.get_tokenizer(config.data)
   trainer = Trainer(config, tokenizer)
   train_iter = data.make_train_iterator(
-      config.data, tokenizer, global_batch_size=tc.batch_size, seed=tc.seed,
+      config.data, tokenizer, global_batch_size=tc.batch_size, seed=config.data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints, every=tc.checkpoint_every,
-                              async_save=tc.async_checkpoints)
+  checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
   state, start = checkpointer.restore_latest(trainer.abstract_state(), train_iter)
   if state is None:
     state = trainer.init_state()
@@ -243,7 +248,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       bar.update(1)
       preempted = stop.raised if jax.process_count() == 1 else \
           checkpointer.reached_preemption(step)
-      checkpointer.save(step, state, train_iter, force=is_last or preempted)
+      if step % tc.checkpoint_every == 0 or is_last or preempted:
+        checkpointer.save(step, state, train_iter)
       if preempted:
         checkpointer.wait()
         print(f"stopped by SIGTERM; saved step {step}. Re-run the same command to resume.")
@@ -255,3 +261,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer.close()
     writer.close()
   return record
+
+
+def unigram_baseline(config, tokenizer, *, train_batches: int = 100) -> float:
+  """Validation cross-entropy of the unigram distribution of the first `train_batches`
+  training batches (add-one smoothed): the loss a model with no context would reach."""
+  kwargs = dict(global_batch_size=config.train.batch_size, process_index=jax.process_index(),
+                process_count=jax.process_count())
+  counts = np.ones(tokenizer.vocab_size)
+  train_iter = data.make_train_iterator(config.data, tokenizer, seed=config.data.shuffle_seed,
+                                       **kwargs)
+  for _, batch in zip(range(train_batches), train_iter):
+    np.add.at(counts, batch["targets"][batch["segment_ids"] > 0], 1)
+  log_probs = np.log(counts / counts.sum())
+  nll, n = 0.0, 0
+  for _, batch in zip(range(config.train.eval_batches),
+                      data.make_eval_iterator(config.data, tokenizer, **kwargs)):
+    targets = batch["targets"][batch["segment_ids"] > 0]
+    nll, n = nll - log_probs[targets].sum(), n + targets.size
+  return nll / max(n, 1)

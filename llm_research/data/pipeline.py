@@ -1,0 +1,226 @@
+"""Grain pipelines: documents -> tokens -> packed, sharded, checkpointable batches.
+
+The data config (`config.data`, an ml_collections ConfigDict):
+  source         'stdlib' | 'tfds' | 'text_dir': where documents come from.
+  stdlib_config  'full' | 'tiny': builder config of the `stdlib_source` TFDS dataset
+                 (source='stdlib'; built into data_dir on first use, in seconds).
+  tfds_name      a prepared TFDS dataset, e.g. 'lm1b' (source='tfds'); read from data_dir in
+                 the array_record format, never downloaded.
+  text_key       the text feature of a TFDS dataset (default 'text').
+  text_dir       a folder of UTF-8 text files (source='text_dir'): every file below it, hidden
+                 ones aside, is a document; train/validation split by a hash of the path.
+  data_dir       where TFDS datasets live (and where stdlib_source is built).
+  cache_dir      where tokenizers are cached (<cache_dir>/tokenizers/).
+  tokenizer      'byte' | 'sentencepiece'.
+  vocab_size     SentencePiece vocab size (the byte tokenizer always has 259).
+  seq_len        length of a packed row.
+  shuffle_seed   meant as the `seed` the training loop passes to `make_train_iterator`.
+
+A document becomes tokens [bos] + encode(text) + [eos], cut into chunks of at most seq_len + 1
+tokens that overlap by one; a chunk gives `inputs = chunk[:-1]`, `targets = chunk[1:]`. Chunks
+are packed first-fit into rows of seq_len, so every target token appears exactly once per epoch
+and none is predicted across documents. Batches are dicts of int32 [local_batch, seq_len]:
+`inputs`, `targets`, `segment_ids` (1, 2, ... per chunk in a row, 0 = padding) and `positions`
+(0-based within a segment, 0 at padding). Each process reads only records
+`process_index::process_count`. Everything runs in-process, so an iterator's `get_state()` /
+`set_state()` restores its exact position.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import TYPE_CHECKING
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from llm_research.data import stdlib_corpus
+
+if TYPE_CHECKING:
+  from llm_research.data.tokenizers import Tokenizer
+
+# Chunks shuffled together in training, so that a row's neighbours come from other documents.
+TRAIN_SHUFFLE_WINDOW = 1024
+# Rows filled at once by first-fit packing (more rows: less padding, independent of batch size).
+PACKING_ROWS = 64
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
+
+
+class TextDirSource:
+  """Random access to the files of one split of a folder: {'text': str, 'path': str}."""
+
+  def __init__(self, directory: str, split: str):
+    root = pathlib.Path(directory)
+    self._paths = [
+        path for path in sorted(root.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        and stdlib_corpus.split_of(path.relative_to(root).as_posix()) == split]
+    self._root = root
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def __getitem__(self, index: int) -> dict[str, str]:
+    path = self._paths[index]
+    return {"text": path.read_text(encoding="utf-8", errors="replace"),
+            "path": path.relative_to(self._root).as_posix()}
+
+
+def document_text(record: dict) -> str:
+  text = record["text"]
+  return text.decode("utf-8") if isinstance(text, bytes) else text
+
+
+def _prepared_tfds(builder, name: str, data_dir: str, split: str):
+  if split not in builder.info.splits:
+    raise ValueError(f"TFDS dataset {name!r} in {data_dir!r} has no split {split!r} "
+                     f"(it has {sorted(builder.info.splits)})")
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise ValueError(f"TFDS dataset {name!r} in {data_dir!r} is stored as "
+                     f"{builder.info.file_format.value}; grain needs it prepared with "
+                     "file_format='array_record'")
+  return builder.as_data_source(split)
+
+
+def _stdlib_source(data_config: ml_collections.ConfigDict, split: str):
+  builder = stdlib_corpus.StdlibSource(config=data_config.stdlib_config,
+                                       data_dir=data_config.data_dir, file_format="array_record")
+  builder.download_and_prepare()  # Builds locally on first use; a no-op afterwards.
+  return _prepared_tfds(builder, "stdlib_source", data_config.data_dir, split)
+
+
+def _tfds_source(data_config: ml_collections.ConfigDict, split: str):
+  name, data_dir = data_config.tfds_name, data_config.data_dir
+  where = f"TFDS dataset {name!r} (split {split!r}) in data_dir {data_dir!r}"
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"{where}: data_dir does not exist")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise FileNotFoundError(f"{where}: no such dataset") from None
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"{where}: not prepared there (this pipeline never downloads)")
+  key = data_config.text_key
+  if key not in builder.info.features:
+    raise ValueError(f"{where}: no text feature {key!r} (data.text_key); it has "
+                     f"{sorted(builder.info.features)}")
+  source = _prepared_tfds(builder, name, data_dir, split)
+  return source if key == "text" else _TextFeature(source, key)
+
+
+class _TextFeature:
+  """Exposes one text feature of a TFDS source as {'text': ...}."""
+
+  def __init__(self, source, key: str):
+    self._source, self._key = source, key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"text": self._source[index][self._key]}
+
+
+def load_source(data_config: ml_collections.ConfigDict, split: str):
+  """A random-access source of {'text': str or bytes, ...} records for one split."""
+  if data_config.source == "stdlib":
+    source, what = _stdlib_source(data_config, split), f"stdlib_source/{data_config.stdlib_config}"
+  elif data_config.source == "tfds":
+    source, what = _tfds_source(data_config, split), f"TFDS dataset {data_config.tfds_name!r}"
+  elif data_config.source == "text_dir":
+    if not os.path.isdir(data_config.text_dir):
+      raise FileNotFoundError(f"data.text_dir {data_config.text_dir!r} does not exist")
+    source, what = TextDirSource(data_config.text_dir, split), f"text_dir {data_config.text_dir!r}"
+  else:
+    raise ValueError(f"unknown data.source {data_config.source!r}: "
+                     "use 'stdlib', 'tfds' or 'text_dir'")
+  if len(source) == 0:
+    raise ValueError(f"{what} has no records in split {split!r}")
+  return source
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} does not divide evenly over "
+                     f"{process_count} processes")
+  return global_batch_size // process_count
+
+
+def _chunks(record: dict, tokenizer: Tokenizer, seq_len: int) -> list[dict[str, np.ndarray]]:
+  """One document's training examples: overlapping chunks of at most seq_len + 1 tokens."""
+  tokens = np.array([tokenizer.bos_id, *tokenizer.encode(document_text(record)),
+                     tokenizer.eos_id], np.int32)
+  chunks = [tokens[start:start + seq_len + 1] for start in range(0, len(tokens) - 1, seq_len)]
+  return [{"inputs": chunk[:-1], "targets": chunk[1:]} for chunk in chunks]
+
+
+class _Flatten(grain.experimental.FlatMapTransform):
+  """A list of chunks -> the chunks, one by one."""
+
+  def flat_map(self, chunks):
+    return chunks
+
+
+def _packed_rows(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
+                 shuffle_seed: int | None) -> grain.IterDataset:
+  """Documents -> packed rows {inputs, targets, segment_ids, positions}, each [seq_len]."""
+  chunks = documents.map(lambda record: _chunks(record, tokenizer, seq_len))
+  chunks = grain.experimental.FlatMapIterDataset(chunks.to_iter_dataset(_READ_OPTIONS), _Flatten())
+  if shuffle_seed is not None:
+    chunks = grain.experimental.WindowShuffleIterDataset(
+        chunks, window_size=TRAIN_SHUFFLE_WINDOW, seed=shuffle_seed)
+  packed = grain.experimental.FirstFitPackIterDataset(
+      chunks, length_struct={"inputs": seq_len, "targets": seq_len},
+      num_packing_bins=PACKING_ROWS, shuffle_bins=False)
+  # inputs_* and targets_* segment ids/positions are equal: chunks have equal-length halves.
+  return packed.map(lambda row: {
+      "inputs": row["inputs"], "targets": row["targets"],
+      "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]})
+
+
+def _process_documents(data_config: ml_collections.ConfigDict, split: str, process_index: int,
+                       process_count: int) -> grain.MapDataset:
+  """This process's slice of a split's records; it reads no other records."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  documents = grain.MapDataset.source(load_source(data_config, split))
+  shard = documents[process_index::process_count]
+  if len(shard) == 0:
+    raise ValueError(f"split {split!r} has {len(documents)} records: too few for "
+                     f"{process_count} processes")
+  return shard
+
+
+def make_train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                        global_batch_size: int, seed: int, process_index: int,
+                        process_count: int) -> grain.DatasetIterator:
+  """Endless training batches for this process: reshuffles its documents every epoch.
+
+  `seed` (normally data.shuffle_seed) drives the document order and the shuffle of chunks
+  within windows of TRAIN_SHUFFLE_WINDOW; those windows blur epoch boundaries a little.
+  """
+  local_batch = _local_batch_size(global_batch_size, process_count)
+  documents = _process_documents(data_config, "train", process_index, process_count)
+  documents = documents.shuffle(seed).repeat()  # A different order each epoch.
+  rows = _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=seed)
+  return iter(rows.batch(local_batch))
+
+
+def make_eval_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                       global_batch_size: int, process_index: int, process_count: int,
+                       split: str = "validation") -> grain.DatasetIterator:
+  """One deterministic pass over this process's records of `split`.
+
+  The last batch is padded to full size with all-zero rows (segment_ids 0: count no loss there),
+  so every target token is seen exactly once. Processes may get different numbers of batches.
+  """
+  local_batch = _local_batch_size(global_batch_size, process_count)
+  documents = _process_documents(data_config, split, process_index, process_count)
+  rows = _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=None)
+  return iter(rows.batch(local_batch).map(lambda batch: _pad_rows(batch, local_batch)))
+
+
+def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  return {key: np.pad(value, [(0, rows - len(value)), (0, 0)]) for key, value in batch.items()}

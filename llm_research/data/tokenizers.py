@@ -1,0 +1,134 @@
+"""Tokenizers: a byte-level one and a SentencePiece BPE one trained on the configured corpus.
+
+Both follow `Tokenizer`: ids 0 pad, 1 bos, 2 eos; `encode` adds no bos/eos; `decode` drops
+pad/bos/eos. Every str round-trips: `decode(encode(text)) == text`.
+"""
+import os
+import tempfile
+import zlib
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import ml_collections
+import sentencepiece as spm
+
+from llm_research.data import pipeline
+
+# Training input cap (characters): all of the stdlib (~30M) fits; BPE on it takes ~10 s.
+MAX_TRAINING_CHARS = 64_000_000
+# Text goes to the trainer in line-aligned pieces: 1024 characters are at most 4096 UTF-8 bytes,
+# below SentencePiece's max_sentence_length (4192 bytes).
+MAX_PIECE_CHARS = 1024
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  pad_id: int
+  bos_id: int
+  eos_id: int
+
+  def encode(self, text: str) -> list[int]:
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
+
+
+class ByteTokenizer:
+  """UTF-8 bytes: id = byte + 3 after pad 0, bos 1, eos 2."""
+
+  vocab_size = 259
+  pad_id, bos_id, eos_id = 0, 1, 2
+  _offset = 3
+
+  def encode(self, text: str) -> list[int]:
+    return [b + self._offset for b in text.encode("utf-8")]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    # errors="replace" only matters for byte sequences a model made up.
+    data = bytes(int(i) - self._offset for i in ids if int(i) >= self._offset)
+    return data.decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model: pad 0, bos 1, eos 2, unk 3 (see `train_sentencepiece`)."""
+
+  def __init__(self, model_path: str):
+    self._processor = spm.SentencePieceProcessor(model_file=model_path)
+    self.vocab_size = self._processor.get_piece_size()
+    self.pad_id = self._processor.pad_id()
+    self.bos_id = self._processor.bos_id()
+    self.eos_id = self._processor.eos_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self._processor.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    # pad/bos/eos are control pieces: SentencePiece decodes them to nothing.
+    return self._processor.decode([int(i) for i in ids])
+
+
+def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
+  """Splits texts into line-aligned pieces of <= MAX_PIECE_CHARS, up to MAX_TRAINING_CHARS."""
+  total = 0
+  for text in texts:
+    piece = ""
+    for line in text.splitlines(keepends=True):
+      if piece and len(piece) + len(line) > MAX_PIECE_CHARS:
+        yield piece
+        piece = ""
+      piece += line
+      total += len(line)
+    if piece:
+      yield piece
+    if total >= MAX_TRAINING_CHARS:
+      return
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int,
+                        model_path: str) -> SentencePieceTokenizer:
+  """Trains a byte-fallback BPE model that keeps all whitespace; writes `model_path` atomically.
+
+  Deterministic for the same texts, so processes that train concurrently get the same vocabulary.
+  """
+  directory = os.path.dirname(os.path.abspath(model_path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    prefix = os.path.join(tmp, "model")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_pieces(texts), model_prefix=prefix,
+        vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True,
+        # Keep source code verbatim: no normalization, indentation pieces like "▁▁▁▁".
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True,
+        shuffle_input_sentence=False, num_threads=os.cpu_count() or 1, minloglevel=2)
+    os.replace(prefix + ".model", model_path)
+  return SentencePieceTokenizer(model_path)
+
+
+def _source_name(data_config: ml_collections.ConfigDict) -> str:
+  """A file-name-safe name of the configured corpus."""
+  if data_config.source == "stdlib":
+    return f"stdlib_{data_config.stdlib_config}"
+  if data_config.source == "tfds":
+    return "tfds_" + data_config.tfds_name.replace("/", "_").replace(":", "_")
+  if data_config.source == "text_dir":
+    path = os.path.abspath(data_config.text_dir)
+    return f"text_dir_{os.path.basename(path)}_{zlib.crc32(path.encode()):08x}"
+  raise ValueError(f"unknown data.source {data_config.source!r}")
+
+
+def get_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
+  """The configured tokenizer; a SentencePiece model is trained on first use, then cached."""
+  if data_config.tokenizer == "byte":
+    return ByteTokenizer()
+  if data_config.tokenizer != "sentencepiece":
+    raise ValueError(
+        f"unknown data.tokenizer {data_config.tokenizer!r}: use 'byte' or 'sentencepiece'")
+  model_path = os.path.join(data_config.cache_dir, "tokenizers",
+                            f"{_source_name(data_config)}_{data_config.vocab_size}.model")
+  if os.path.exists(model_path):
+    return SentencePieceTokenizer(model_path)
+  source = pipeline.load_source(data_config, "train")
+  texts = (pipeline.document_text(source[index]) for index in range(len(source)))
+  return train_sentencepiece(texts, data_config.vocab_size, model_path)

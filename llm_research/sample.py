@@ -1,0 +1,73 @@
+"""Sample from a run's newest checkpoint.
+
+    python -m llm_research.sample --workdir <dir> [--prompt "def "]... [--temperature 0.8]
+
+Defaults come from the run's `config.sample`; several --prompt flags decode as one batch.
+"""
+import argparse
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+
+from llm_research import data, decode, train
+from llm_research.checkpoints import Checkpointer
+
+
+def load_run(workdir: str):
+  """(config, tokenizer, trainer, params) of the newest good checkpoint in `workdir`."""
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{workdir!r} holds no run: {config_path} does not exist")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  tokenizer = data.get_tokenizer(config.data)
+  trainer = train.Trainer(config, tokenizer)
+  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  state, step = checkpointer.restore_latest(trainer.abstract_state())
+  checkpointer.close()
+  if state is None:
+    raise FileNotFoundError(f"{workdir!r} has no checkpoint to sample from")
+  return config, tokenizer, trainer, state.params, step
+
+
+def sample_texts(config, tokenizer, model_config, params, prompts, **overrides) -> list[str]:
+  """Continuations of `prompts` (strings), with `config.sample` settings unless overridden."""
+  settings = {**config.sample.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+  encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  new = decode.generate(model_config, params, encoded,
+                        max_new_tokens=settings["max_new_tokens"],
+                        rng=jax.random.key(settings["seed"]),
+                        temperature=settings["temperature"], top_k=settings["top_k"],
+                        top_p=settings["top_p"], eos_id=tokenizer.eos_id)
+  return [tokenizer.decode(tokens) for tokens in new]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m llm_research.sample", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
+  parser.add_argument("--max_new_tokens", type=int)
+  parser.add_argument("--temperature", type=float, help="0 is greedy")
+  parser.add_argument("--top_k", type=int, help="0 is off")
+  parser.add_argument("--top_p", type=float, help="1 is off")
+  parser.add_argument("--seed", type=int)
+  args = parser.parse_args(argv)
+  try:
+    config, tokenizer, trainer, params, step = load_run(args.workdir)
+  except FileNotFoundError as error:
+    sys.exit(f"error: {error}")
+  prompts = args.prompt or [config.sample.prompt]
+  texts = sample_texts(config, tokenizer, trainer.model_config, params, prompts,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  for prompt, text in zip(prompts, texts):
+    print(f"--- step {step}, prompt {prompt!r} ---\n{prompt}{text}")
+  return texts
+
+
+if __name__ == "__main__":
+  main()
