@@ -5,6 +5,7 @@ from `base_config()`. The base config is locked: a key it does not define, set i
 or on the command line, is an error that names it.
 """
 import ast
+import copy
 import difflib
 import importlib.util
 import os
@@ -20,7 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, embed_dim=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768,
       rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True, dtype="float32",
-      scan_layers=True, remat_policy="none", attention_impl="xla"))
+      scan_layers=True, remat_policy="none", attention_impl="xla",
+      linear_impl="dense"))  # "bitnet": BitNet b1.58 projections (models/bitlinear.py)
 
   # Data (llm_research.data.pipeline documents each field).
   cache = os.path.join(os.path.expanduser("~"), ".cache", "llm_research")
@@ -64,7 +66,13 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} defines no get_config()")
-  config = module.get_config()
+  return with_overrides(module.get_config(), overrides)
+
+
+def with_overrides(config: ml_collections.ConfigDict,
+                   overrides: Iterable[str]) -> ml_collections.ConfigDict:
+  """A locked copy of `config` with `key=value` overrides applied."""
+  config = copy.deepcopy(config)
   config.lock()
   for item in overrides:
     key, sep, value = item.partition("=")

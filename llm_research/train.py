@@ -165,6 +165,11 @@ class Trainer:
     with self.mesh, nn.logical_axis_rules(self.rules):
       return self._train_step(state, sharding.shard_batch(local_batch, self.mesh))
 
+  def lower_step(self, state, batch):
+    """The train step lowered for these (possibly abstract) arguments: `.compile()` it."""
+    with self.mesh, nn.logical_axis_rules(self.rules):
+      return self._train_step.lower(state, batch)
+
   def evaluate(self, params, num_batches: int) -> dict:
     """Mean token loss over the first `num_batches` batches of the validation split."""
     global_batch_size = self.config.train.batch_size
@@ -219,6 +224,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = trainer.init_state()
   writer = MetricsWriter(workdir)
   writer.truncate_after(start)
+  if start >= tc.steps:
+    print(f"{workdir} is already at step {start} of train.steps={tc.steps}: nothing to train")
 
   tokens_per_step = tc.batch_size * config.data.seq_len
   flops_per_step = training_flops_per_token(trainer.model_config, config.data.seq_len) \

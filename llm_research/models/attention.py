@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_research.kernels.flash_attention import flash_attention
 from llm_research.models.layers import Dtype, Linear, apply_rotary, constrain
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -41,7 +42,12 @@ def xla_attention(query, key, value, *, segment_ids):
   return masked_attention(query, key, value, causal_segment_mask(segment_ids))
 
 
-ATTENTION_IMPLS = {"xla": xla_attention}
+def pallas_attention(query, key, value, *, segment_ids):
+  """Causal attention over packed sequences: the Pallas flash-attention kernel."""
+  return flash_attention(query, key, value, causal=True, segment_ids=segment_ids)
+
+
+ATTENTION_IMPLS = {"xla": xla_attention, "pallas": pallas_attention}
 
 
 class Attention(nn.Module):
@@ -60,13 +66,14 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   decode: bool = False
   cache_len: int = 0
+  linear_impl: str = "dense"
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     # x: [batch, length, embed]; positions, segment_ids: [batch, length]
     def project(name, heads, heads_axis):
       return Linear((heads, self.head_dim), ("embed",), (heads_axis, "head_dim"), self.dtype,
-                    name=name)(x)
+                    impl=self.linear_impl, name=name)(x)
 
     q = project("query", self.num_heads, "heads")
     k = project("key", self.num_kv_heads, "kv_heads")
@@ -83,7 +90,7 @@ class Attention(nn.Module):
       out = ATTENTION_IMPLS[self.attention_impl](q, k, v, segment_ids=segment_ids)
     out = constrain(out, ("batch", "length", "heads", "head_dim"))
     return Linear((x.shape[-1],), ("heads", "head_dim"), ("embed",), self.dtype,
-                  name="out")(out)
+                  impl=self.linear_impl, name="out")(out)
 
   def _attend_cached(self, q, k, v, positions):
     batch = q.shape[0]

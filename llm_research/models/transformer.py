@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_research.models.attention import ATTENTION_IMPLS, Attention
+from llm_research.models.bitlinear import LINEAR_IMPLS
 from llm_research.models.layers import Linear, RMSNorm, SwiGLU, constrain
 
 REMAT_POLICIES = {
@@ -38,6 +39,7 @@ class TransformerConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = "xla"
+  linear_impl: str = "dense"  # attention and MLP projections; embedding and head stay float
 
   def __post_init__(self):
     def check(ok, msg):
@@ -51,6 +53,8 @@ class TransformerConfig:
           f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
     check(self.attention_impl in ATTENTION_IMPLS,
           f"attention_impl={self.attention_impl!r} is not one of {sorted(ATTENTION_IMPLS)}")
+    check(self.linear_impl in LINEAR_IMPLS,
+          f"linear_impl={self.linear_impl!r} is not one of {sorted(LINEAR_IMPLS)}")
 
   @property
   def compute_dtype(self):
@@ -77,11 +81,12 @@ class Block(nn.Module):
     dtype = cfg.compute_dtype
     h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x)
     h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                  cfg.attention_impl, dtype, self.decode, self.cache_len, name="attn")(
+                  cfg.attention_impl, dtype, self.decode, self.cache_len, cfg.linear_impl,
+                  name="attn")(
                       h, positions, segment_ids)
     x = constrain(x + h, ("batch", "length", "embed"))
     h = RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x)
-    x = x + SwiGLU(cfg.mlp_dim, dtype, name="mlp")(h)
+    x = x + SwiGLU(cfg.mlp_dim, dtype, cfg.linear_impl, name="mlp")(h)
     return constrain(x, ("batch", "length", "embed"))
 
 
