@@ -1,0 +1,515 @@
+"""Flash attention in Pallas: forward and backward kernels, the pure-jnp reference, dispatch.
+
+`flash_attention(query, key, value, *, causal, segment_ids, local_window_size, ...)` takes the
+layout and grouped-query convention of `jax.nn.dot_product_attention`: query
+[batch, q_len, heads, head_dim], key/value [batch, kv_len, kv_heads, head_dim], query head `h`
+reads kv head `h // (heads // kv_heads)`; K and V are never repeated in memory.
+
+The forward pass keeps a [block_q, head_dim] float32 accumulator per grid cell and walks the kv
+blocks with an online softmax; it saves only the output and the log-sum-exp per query row. The
+backward pass (also Pallas) recomputes the probabilities block by block from that log-sum-exp:
+one kernel for dq (grid over query blocks), one for dk/dv (grid over kv blocks and kv heads,
+looping over the query heads of the group). Memory is linear in length.
+
+Lengths need not be multiples of the block sizes: the dispatch pads to whole blocks and the
+kernels mask the padded keys. Rows with nothing to attend to give zeros, never NaN.
+
+Backends: on GPU the kernels lower through Triton (block shapes are powers of two >= 16); on
+CPU they run with `interpret=True` (the tests). The tiles follow Triton's layout ([length,
+groups, head_dim] blocks of the query heads of one kv head, 1-D row vectors), which Mosaic (TPU)
+does not tile: there is no TPU path, and on TPU this raises and says so.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MIN_BLOCK = 16  # Triton's smallest dot tile
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile lengths along the query and key axes, forward and backward (powers of two >= 16)."""
+
+  block_q: int
+  block_k: int
+  block_q_bwd: int
+  block_k_bwd: int
+
+
+# backend -> head_dim -> BlockSizes. GPU: fwd tiles as in FlashAttention-2 Triton kernels, bwd
+# smaller (it holds two accumulators, dk and dv); head_dim 256 halves both. Not tuned per GPU.
+# CPU (interpret mode): big tiles, since interpret cost grows with the number of tile steps.
+BLOCK_SIZES = {
+    "gpu": {64: BlockSizes(128, 64, 64, 64), 128: BlockSizes(128, 64, 64, 64),
+            256: BlockSizes(64, 32, 32, 32)},
+    "cpu": {d: BlockSizes(128, 128, 128, 128) for d in SUPPORTED_HEAD_DIMS},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Everything static a kernel needs: lengths, blocks, masking, backend."""
+
+  q_pad: int  # padded lengths, multiples of the blocks
+  kv_pad: int
+  kv_len: int  # keys at kv_len and beyond are padding
+  block_q: int
+  block_k: int
+  scale: float
+  causal: bool
+  window: tuple[int, int] | None  # (left, right): keys in [q - left, q + right]
+  segmented: bool
+  groups: int  # query heads per kv head
+  interpret: bool
+  compiler_params: object
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+
+
+def flash_attention_reference(query, key, value, *, causal=False, segment_ids=None,
+                              local_window_size=None, scale=None):
+  """Same signature and semantics as `flash_attention`, in plain jnp with float32 softmax.
+
+  Materialises the [q_len, kv_len] logits: for tests and as the XLA peer in benchmarks.
+  """
+  batch, q_len, heads, head_dim = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  scale = head_dim**-0.5 if scale is None else scale
+  q = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32) * scale
+  q_seg, kv_seg = _split_segment_ids(segment_ids)
+  mask = _mask(jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], causal,
+               _window(local_window_size), None)  # [q_len, kv_len] or None
+  mask = True if mask is None else mask[None]
+  if q_seg is not None:
+    mask = mask & (q_seg[:, :, None] == kv_seg[:, None, :])  # [batch, q_len, kv_len]
+  mask = jnp.broadcast_to(mask, (batch, q_len, kv_len))[:, None, None]
+  logits = jnp.where(mask, logits, _MASKED)
+  probs = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
+  denom = probs.sum(-1, keepdims=True)
+  probs = probs / jnp.where(denom == 0, 1.0, denom)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(value.dtype), value,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(batch, q_len, heads, head_dim).astype(query.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks and block ranges (shared by the kernels and the reference)
+
+
+def _mask(q_idx, k_idx, causal, window, kv_len):
+  """Boolean [rows, cols] from positions q_idx [rows, 1], k_idx [1, cols]; None: all visible.
+
+  kv_len masks padded keys (None: no padding).
+  """
+  conditions = []
+  if kv_len is not None:
+    conditions.append(k_idx < kv_len)
+  if causal:
+    conditions.append(q_idx >= k_idx)
+  if window is not None:
+    left, right = window
+    conditions += [k_idx >= q_idx - left, k_idx <= q_idx + right]
+  if not conditions:
+    return None
+  return functools.reduce(jnp.logical_and, conditions)
+
+
+def _kv_block_range(spec, q_block):
+  """[lo, hi) of the kv blocks that query block `q_block` (traced) can see."""
+  hi_key = spec.kv_pad - 1  # last key a row of this block may see
+  first_q, last_q = q_block * spec.block_q, (q_block + 1) * spec.block_q - 1
+  if spec.causal:
+    hi_key = jnp.minimum(hi_key, last_q)
+  lo_key = 0
+  if spec.window is not None:
+    left, right = spec.window
+    hi_key = jnp.minimum(hi_key, last_q + right)
+    lo_key = jnp.maximum(0, first_q - left)
+  return _block_of(lo_key, spec.block_k), _block_of(hi_key, spec.block_k) + 1
+
+
+def _q_block_range(spec, kv_block):
+  """[lo, hi) of the query blocks that can see kv block `kv_block` (traced)."""
+  first_k, last_k = kv_block * spec.block_k, (kv_block + 1) * spec.block_k - 1
+  lo_q, hi_q = 0, spec.q_pad - 1
+  if spec.causal:
+    lo_q = jnp.maximum(lo_q, first_k)
+  if spec.window is not None:
+    left, right = spec.window
+    lo_q = jnp.maximum(lo_q, first_k - right)
+    hi_q = jnp.minimum(hi_q, last_k + left)
+  return _block_of(lo_q, spec.block_q), _block_of(hi_q, spec.block_q) + 1
+
+
+def _block_of(index, block):
+  """Block holding `index` (clamped at 0); traced, so `lax.div`, not `//`."""
+  return lax.div(jnp.maximum(index, 0), block)
+
+
+def _block_mask(spec, q_start, k_start, rows, cols, q_seg=None, kv_seg=None):
+  """The [rows, cols] mask of one tile (None: nothing masked)."""
+  q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+  k_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
+  kv_len = spec.kv_len if spec.kv_pad != spec.kv_len else None
+  mask = _mask(q_idx, k_idx, spec.causal, spec.window, kv_len)
+  if spec.segmented:
+    same = q_seg[:, None] == kv_seg[None, :]
+    mask = same if mask is None else mask & same
+  return mask
+
+
+def _dot_t(a, b):
+  """a [m, d] @ b[n, d]^T -> [m, n] in float32."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+  """a[m, n]^T @ b [m, d] -> [n, d] in float32."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward kernel: grid (q_blocks, batch, heads)
+
+
+def _forward_kernel(*refs, spec):
+  if spec.segmented:
+    q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
+    q_seg = q_seg_ref[...]  # [block_q]
+  else:
+    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    q_seg = None
+  # q_ref, o_ref: [block_q, head_dim]; k_ref, v_ref: [kv_pad, head_dim]; lse_ref: [block_q]
+  bq, bk = spec.block_q, spec.block_k
+  q_block = pl.program_id(0)
+  q = q_ref[...]
+
+  def step(kv_block, carry):
+    acc, m, l = carry  # [bq, head_dim], [bq], [bq] float32
+    keys = pl.ds(kv_block * bk, bk)
+    s = _dot_t(q, k_ref[keys, :]) * spec.scale  # [bq, bk]
+    kv_seg = kv_seg_ref[keys] if spec.segmented else None
+    mask = _block_mask(spec, q_block * bq, kv_block * bk, bq, bk, q_seg, kv_seg)
+    if mask is not None:
+      s = jnp.where(mask, s, _MASKED)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.exp(s - m_new[:, None])
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)  # a row masked so far has m_new == _MASKED, p == 1
+    correction = jnp.exp(m - m_new)
+    v = v_ref[keys, :]
+    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l * correction + p.sum(axis=1)
+
+  lo, hi = _kv_block_range(spec, q_block)
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), _MASKED, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc, m, l = lax.fori_loop(lo, hi, step, init)
+  empty = l == 0.0  # rows with nothing to attend to: output 0, p == 0 in the backward
+  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+
+
+def _forward(q, k, v, segments, spec):
+  """Padded q [batch, q_pad, heads, d], k/v [batch, kv_pad, kv_heads, d] -> out, lse."""
+  batch, q_pad, heads, head_dim = q.shape
+  kv_pad = k.shape[1]
+  g = spec.groups
+  q_spec = pl.BlockSpec((None, spec.block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, h: (b, 0, h // g, 0))
+  in_specs = [q_spec, kv_spec, kv_spec]
+  if spec.segmented:
+    in_specs += [pl.BlockSpec((None, spec.block_q), lambda i, b, h: (b, i)),
+                 pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0))]
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, spec=spec),
+      grid=(q_pad // spec.block_q, batch, heads),
+      in_specs=in_specs,
+      out_specs=[q_spec, pl.BlockSpec((None, None, spec.block_q), lambda i, b, h: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)],
+      compiler_params=spec.compiler_params,
+      interpret=spec.interpret,
+      name="flash_attention_forward",
+  )(q, k, v, *(segments or ()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernels: dq with grid (q_blocks, batch, heads); dk, dv with grid (kv_blocks, batch,
+# kv_heads), each cell looping over its group's query heads. delta = rowsum(o * do).
+
+
+def _probs(spec, q, k, lse, q_start, k_start, q_seg, kv_seg):
+  """Recomputed softmax tile [rows, cols] from the saved log-sum-exp."""
+  p = jnp.exp(_dot_t(q, k) * spec.scale - lse[:, None])
+  mask = _block_mask(spec, q_start, k_start, q.shape[0], k.shape[0], q_seg, kv_seg)
+  return p if mask is None else jnp.where(mask, p, 0.0)
+
+
+def _dq_kernel(*refs, spec):
+  if spec.segmented:
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref = refs
+    q_seg = q_seg_ref[...]
+  else:
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+    q_seg = None
+  # q_ref, do_ref, dq_ref: [block_q, d]; k_ref, v_ref: [kv_pad, d]; lse/delta_ref: [block_q]
+  bq, bk = spec.block_q, spec.block_k
+  q_block = pl.program_id(0)
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+
+  def step(kv_block, dq):
+    keys = pl.ds(kv_block * bk, bk)
+    k = k_ref[keys, :]
+    kv_seg = kv_seg_ref[keys] if spec.segmented else None
+    p = _probs(spec, q, k, lse, q_block * bq, kv_block * bk, q_seg, kv_seg)  # [bq, bk]
+    ds = p * (_dot_t(do, v_ref[keys, :]) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  lo, hi = _kv_block_range(spec, q_block)
+  dq = lax.fori_loop(lo, hi, step, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, spec):
+  if spec.segmented:
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
+     dk_ref, dv_ref) = refs
+    kv_seg = kv_seg_ref[...]
+  else:
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+    kv_seg = None
+  # q_ref, do_ref: [q_pad, groups, d]; lse_ref, delta_ref: [groups, q_pad];
+  # k_ref, v_ref, dk_ref, dv_ref: [block_k, d]
+  bq, bk = spec.block_q, spec.block_k
+  kv_block = pl.program_id(0)
+  k, v = k_ref[...], v_ref[...]
+  lo, hi = _q_block_range(spec, kv_block)
+
+  def head(g, carry):
+    def step(q_block, carry):
+      dk, dv = carry
+      rows = pl.ds(q_block * bq, bq)
+      q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+      q_seg = q_seg_ref[rows] if spec.segmented else None
+      p = _probs(spec, q, k, lse_ref[g, rows], q_block * bq, kv_block * bk, q_seg, kv_seg)
+      dv = dv + _dot_tn(p.astype(do.dtype), do)
+      ds = p * (_dot_t(do, v) - delta_ref[g, rows][:, None])  # [bq, bk]
+      return dk + _dot_tn(ds.astype(q.dtype), q), dv
+
+    return lax.fori_loop(lo, hi, step, carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, spec.groups, head, (zeros, zeros))
+  dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _backward(q, k, v, segments, out, lse, dout, spec):
+  batch, q_pad, heads, head_dim = q.shape
+  kv_pad, kv_heads = k.shape[1], k.shape[2]
+  g, bq, bk = spec.groups, spec.block_q, spec.block_k
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
+  seg_args = segments or ()
+
+  # dq: like the forward, one query block of one head per cell.
+  q_spec = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, h: (b, 0, h // g, 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  seg_specs = [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+               pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0))]
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, spec=spec),
+      grid=(q_pad // bq, batch, heads),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+      + (seg_specs if segments else []),
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=spec.compiler_params,
+      interpret=spec.interpret,
+      name="flash_attention_dq",
+  )(q, k, v, dout, lse, delta, *seg_args)
+
+  # dk, dv: one kv block of one kv head per cell, over all query heads of its group.
+  group_spec = pl.BlockSpec((None, q_pad, g, head_dim), lambda j, b, h: (b, 0, h, 0))
+  group_rows = pl.BlockSpec((None, g, q_pad), lambda j, b, h: (b, h, 0))
+  block_spec = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0))
+  seg_specs = [pl.BlockSpec((None, q_pad), lambda j, b, h: (b, 0)),
+               pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, spec=spec),
+      grid=(kv_pad // bk, batch, kv_heads),
+      in_specs=[group_spec, block_spec, block_spec, group_spec, group_rows, group_rows]
+      + (seg_specs if segments else []),
+      out_specs=[block_spec, block_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=spec.compiler_params,
+      interpret=spec.interpret,
+      name="flash_attention_dkv",
+  )(q, k, v, dout, lse, delta, *seg_args)
+  return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp over padded inputs: forward blocks for the primal, backward blocks for the vjp.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, segments, fwd_spec, bwd_spec):
+  return _forward(q, k, v, segments, fwd_spec)[0]
+
+
+def _flash_fwd(q, k, v, segments, fwd_spec, bwd_spec):
+  out, lse = _forward(q, k, v, segments, fwd_spec)
+  return out, (q, k, v, segments, out, lse)
+
+
+def _flash_bwd(fwd_spec, bwd_spec, residuals, dout):
+  q, k, v, segments, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, segments, out, lse, dout, bwd_spec)
+  return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def flash_attention(query, key, value, *, causal=False, segment_ids=None,
+                    local_window_size=None, scale=None, block_sizes=None, interpret=None):
+  """Memory-efficient softmax attention, a drop-in for `jax.nn.dot_product_attention`.
+
+  Args:
+    query: [batch, q_len, heads, head_dim], float32 or bfloat16.
+    key, value: [batch, kv_len, kv_heads, head_dim], same dtype; kv_heads divides heads.
+    causal: query i sees keys j <= i (aligned at position 0, as in jax.nn).
+    segment_ids: int [batch, length] (q_len == kv_len) or a pair (q_ids [batch, q_len],
+      kv_ids [batch, kv_len]): a query sees only keys of its own segment (packed sequences).
+    local_window_size: None, an int w or a pair (left, right): query i sees keys in
+      [i - left, i + right] (w means (w, w)), as in jax.nn.dot_product_attention.
+    scale: logit scale, default head_dim ** -0.5.
+    block_sizes: a BlockSizes overriding the per-backend table `BLOCK_SIZES`.
+    interpret: run the Pallas kernels in interpret mode; default True on CPU.
+
+  Returns [batch, q_len, heads, head_dim] in query's dtype; float32 accumulation throughout.
+  Rows that see no key are zeros. Differentiable in query, key, value (Pallas backward).
+  """
+  _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes)
+  backend = jax.default_backend()
+  interpret = backend == "cpu" if interpret is None else interpret
+  if backend == "tpu" and not interpret:
+    raise NotImplementedError(
+        "flash_attention has no TPU kernel: its tiles ([length, groups, head_dim] blocks, 1-D "
+        "row vectors) follow Triton's layout, not Mosaic's. Use attention_impl='xla' or "
+        "jax.experimental.pallas.ops.tpu.splash_attention on TPU.")
+  q_len, heads, head_dim = query.shape[1:]
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  blocks = block_sizes or BLOCK_SIZES["gpu" if backend == "gpu" else "cpu"][head_dim]
+  fwd_blocks = (_fit(blocks.block_q, q_len), _fit(blocks.block_k, kv_len))
+  bwd_blocks = (_fit(blocks.block_q_bwd, q_len), _fit(blocks.block_k_bwd, kv_len))
+  # Pad once to lengths every block divides (blocks are powers of two: the largest does).
+  q_pad = _round_up(q_len, max(fwd_blocks[0], bwd_blocks[0]))
+  kv_pad = _round_up(kv_len, max(fwd_blocks[1], bwd_blocks[1]))
+  spec = functools.partial(
+      _Spec, q_pad=q_pad, kv_pad=kv_pad, kv_len=kv_len,
+      scale=head_dim**-0.5 if scale is None else float(scale), causal=causal,
+      window=_window(local_window_size), segmented=segment_ids is not None,
+      groups=heads // kv_heads, interpret=interpret,
+      compiler_params=_compiler_params(backend, head_dim, interpret))
+  segments = None
+  if segment_ids is not None:
+    q_seg, kv_seg = _split_segment_ids(segment_ids)
+    segments = (_pad(q_seg.astype(jnp.int32), q_pad), _pad(kv_seg.astype(jnp.int32), kv_pad))
+  out = _flash(_pad(query, q_pad), _pad(key, kv_pad), _pad(value, kv_pad), segments,
+               spec(block_q=fwd_blocks[0], block_k=fwd_blocks[1]),
+               spec(block_q=bwd_blocks[0], block_k=bwd_blocks[1]))
+  return out[:, :q_len]
+
+
+def _fit(block, length):
+  """The table's block, shrunk to the smallest power of two >= 16 that covers `length`."""
+  return min(block, max(_MIN_BLOCK, pl.next_power_of_2(length)))
+
+
+def _round_up(length, block):
+  return pl.cdiv(length, block) * block
+
+
+def _pad(x, length):
+  """Zero-pad axis 1 of x to `length`."""
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, length - x.shape[1])
+  return jnp.pad(x, widths)
+
+
+def _window(local_window_size):
+  if local_window_size is None:
+    return None
+  if isinstance(local_window_size, int):
+    return (local_window_size, local_window_size)
+  return tuple(local_window_size)
+
+
+def _split_segment_ids(segment_ids):
+  if segment_ids is None or isinstance(segment_ids, (tuple, list)):
+    return segment_ids if segment_ids is not None else (None, None)
+  return segment_ids, segment_ids
+
+
+def _compiler_params(backend, head_dim, interpret):
+  if backend != "gpu" or interpret:
+    return None
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes):
+  """Raise at trace time, naming the argument, on anything the kernels do not handle."""
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if x.ndim != 4:
+      raise ValueError(f"{name} must be [batch, length, heads, head_dim], got shape {x.shape}")
+    if x.dtype not in SUPPORTED_DTYPES:
+      raise ValueError(f"{name}.dtype={x.dtype} is not one of "
+                       f"{[d.name for d in SUPPORTED_DTYPES]}")
+  if key.shape != value.shape:
+    raise ValueError(f"key {key.shape} and value {value.shape} must have the same shape")
+  if not query.dtype == key.dtype == value.dtype:
+    raise ValueError(f"query, key, value dtypes differ: {query.dtype}, {key.dtype}, "
+                     f"{value.dtype}")
+  batch, q_len, heads, head_dim = query.shape
+  if key.shape[0] != batch or key.shape[3] != head_dim:
+    raise ValueError(f"key {key.shape} must match query {query.shape} in batch and head_dim")
+  if heads % key.shape[2]:
+    raise ValueError(f"key heads ({key.shape[2]}) must divide query heads ({heads})")
+  if head_dim not in SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"query head_dim={head_dim} is not one of {SUPPORTED_HEAD_DIMS}")
+  if segment_ids is not None:
+    q_seg, kv_seg = _split_segment_ids(segment_ids)
+    for name, ids, length in (("query", q_seg, q_len), ("key", kv_seg, key.shape[1])):
+      if ids.shape != (batch, length):
+        raise ValueError(f"segment_ids for the {name} have shape {ids.shape}, expected "
+                         f"{(batch, length)}")
+  window = _window(local_window_size)
+  if window is not None and (len(window) != 2 or min(window) < 0):
+    raise ValueError(f"local_window_size={local_window_size} must be an int or a pair "
+                     "(left, right) of non-negative ints")
+  if block_sizes is not None:
+    blocks = dataclasses.astuple(block_sizes)
+    if any(b < _MIN_BLOCK or b & (b - 1) for b in blocks):
+      raise ValueError(f"block_sizes={block_sizes} must be powers of two >= {_MIN_BLOCK}")
