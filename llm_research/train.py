@@ -32,17 +32,33 @@ def model_config_from(config, vocab_size: int) -> TransformerConfig:
 
 
 def learning_rate_schedule(tc) -> optax.Schedule:
-  """Linear warmup to `learning_rate`, then cosine or linear decay to `final_lr_fraction` of it."""
+  """Linear warmup to `learning_rate`, then cosine or linear decay to `final_lr_fraction` of it.
+
+  "two_stage" (BitNet b1.58): the peak until half-way, then a drop to `final_lr_fraction` of
+  it, cosine-decayed to zero by the end; weight decay stops at the drop (`weight_decay_schedule`).
+  """
   decay_steps = max(tc.steps - tc.warmup_steps, 1)
   final = tc.learning_rate * tc.final_lr_fraction
   if tc.schedule == "cosine":
     decay = optax.cosine_decay_schedule(tc.learning_rate, decay_steps, alpha=tc.final_lr_fraction)
   elif tc.schedule == "linear":
     decay = optax.linear_schedule(tc.learning_rate, final, decay_steps)
+  elif tc.schedule == "two_stage":
+    half = max(tc.steps // 2 - tc.warmup_steps, 0)
+    decay = optax.join_schedules(
+        [optax.constant_schedule(tc.learning_rate),
+         optax.cosine_decay_schedule(final, max(tc.steps - tc.steps // 2, 1))], [half])
   else:
-    raise ValueError(f"train.schedule={tc.schedule!r} is not 'cosine' or 'linear'")
+    raise ValueError(f"train.schedule={tc.schedule!r} is not 'cosine', 'linear' or 'two_stage'")
   warmup = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
   return optax.join_schedules([warmup, decay], [tc.warmup_steps])
+
+
+def weight_decay_schedule(tc):
+  """`weight_decay` throughout, except zero from half-way under the two-stage schedule."""
+  if tc.schedule != "two_stage":
+    return tc.weight_decay
+  return lambda step: jnp.where(step < tc.steps // 2, tc.weight_decay, 0.0)
 
 
 def make_optimizer(tc) -> optax.GradientTransformation:
@@ -52,7 +68,7 @@ def make_optimizer(tc) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0 else optax.identity(),
       optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2,
-                  weight_decay=tc.weight_decay, mask=decay_mask))
+                  weight_decay=weight_decay_schedule(tc), mask=decay_mask))
 
 
 def token_losses(logits, targets, weights, z_loss: float = 0.0):

@@ -1,0 +1,1 @@
+"""Algorithms over models and param pytrees: pure `params -> params` surgeries."""

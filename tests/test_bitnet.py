@@ -1,0 +1,231 @@
+"""BitNet b1.58: the ternary matmul kernel, packing, BitLinear's STE, training, packed serving."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from llm_research.config import base_config
+from llm_research.decode import generate
+from llm_research.kernels.ternary_matmul import (ternary_matmul, ternary_matmul_pallas,
+                                                 ternary_matmul_reference)
+from llm_research.methods.ternary_packing import (pack_params, pack_ternary, param_bytes,
+                                                  unpack_ternary)
+from llm_research.models import Transformer, TransformerConfig
+from llm_research.models.bitlinear import quantize_activations, quantize_weights, rms_normalize
+from llm_research.models.layers import Linear
+from llm_research.train import (TrainState, learning_rate_schedule, make_optimizer,
+                                train_step, weight_decay_schedule)
+
+VOCAB = 61
+
+
+def tiny(**overrides) -> TransformerConfig:
+  base = dict(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+              head_dim=8, mlp_dim=64, linear_impl="bitnet")
+  return TransformerConfig(**{**base, **overrides})
+
+
+def random_ternary(rng, shape):
+  return rng.integers(-1, 2, shape).astype(np.int8)
+
+
+# ---- kernel -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,k,n", [(1, 4, 1), (3, 36, 17), (16, 200, 130), (300, 104, 72)],
+                         ids=["tiny", "decode-odd", "decode-16", "prefill-ragged"])
+def test_pallas_kernel_equals_integer_reference_exactly(m, k, n):
+  """Blocks (32, 64, 8) divide none of M, N, K/4 in the ragged cases: edges must be exact."""
+  rng = np.random.default_rng(m + k + n)
+  x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+  w = random_ternary(rng, (k, n))
+  x_scale = jnp.ones((m,), jnp.float32)
+  packed = pack_ternary(jnp.asarray(w))
+  exact = x.astype(np.int64) @ w.astype(np.int64)
+  ref = ternary_matmul_reference(jnp.asarray(x), x_scale, packed, 1.0)
+  out = ternary_matmul_pallas(jnp.asarray(x), x_scale, packed, 1.0, block_m=32, block_n=64,
+                              block_k=8, interpret=True)
+  np.testing.assert_array_equal(np.asarray(ref), exact)
+  np.testing.assert_array_equal(np.asarray(out), exact)
+
+
+def test_kernel_applies_both_scales():
+  rng = np.random.default_rng(0)
+  x = rng.integers(-128, 128, (5, 24)).astype(np.int8)
+  w = random_ternary(rng, (24, 7))
+  x_scale = jnp.asarray(rng.uniform(0.01, 1, 5), jnp.float32)
+  out = ternary_matmul(jnp.asarray(x), x_scale, pack_ternary(jnp.asarray(w)), 0.25,
+                       impl="interpret")
+  expected = (x.astype(np.float64) @ w) * np.asarray(x_scale)[:, None] * 0.25
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6)
+
+
+def test_kernel_rejects_bad_inputs_by_name():
+  packed = jnp.zeros((2, 3), jnp.uint8)
+  x_scale = jnp.ones((4,))
+  with pytest.raises(TypeError, match="x must be int8"):
+    ternary_matmul(jnp.zeros((4, 8), jnp.float32), x_scale, packed, 1.0)
+  with pytest.raises(TypeError, match="packed must be uint8"):
+    ternary_matmul(jnp.zeros((4, 8), jnp.int8), x_scale, packed.astype(jnp.int8), 1.0)
+  with pytest.raises(ValueError, match="x has K=12"):
+    ternary_matmul(jnp.zeros((4, 12), jnp.int8), x_scale, packed, 1.0)
+  with pytest.raises(ValueError, match="x_scale must be"):
+    ternary_matmul(jnp.zeros((4, 8), jnp.int8), jnp.ones((3,)), packed, 1.0)
+  with pytest.raises(ValueError, match="impl="):
+    ternary_matmul(jnp.zeros((4, 8), jnp.int8), x_scale, packed, 1.0, impl="cuda")
+
+
+# ---- packing ----------------------------------------------------------------------------------
+
+def test_pack_unpack_round_trip_and_zero_byte():
+  w = random_ternary(np.random.default_rng(1), (3, 20, 9))  # a leading (layers) axis too
+  packed = pack_ternary(jnp.asarray(w))
+  assert packed.dtype == jnp.uint8 and packed.shape == (3, 5, 9)
+  np.testing.assert_array_equal(np.asarray(unpack_ternary(packed)), w)
+  assert not np.any(pack_ternary(jnp.zeros((8, 2), jnp.int8)))  # byte 0 = four zeros
+
+
+def test_packing_rejects_non_ternary_values_and_bad_shapes():
+  with pytest.raises(ValueError, match="values must all be -1, 0 or \\+1"):
+    pack_ternary(jnp.array([[0.5], [1], [0], [-1]]))
+  with pytest.raises(ValueError, match="K a multiple of 4"):
+    pack_ternary(jnp.zeros((6, 2), jnp.int8))
+  with pytest.raises(ValueError, match="linear_impl must be 'bitnet'"):
+    pack_params(tiny(linear_impl="dense"), {})
+  with pytest.raises(ValueError, match="'query'.*input size 30.*multiple of 4"):
+    pack_params(tiny(embed_dim=30), {})
+
+
+def init_params(cfg, seed=0):
+  return nn.meta.unbox(jax.jit(Transformer(cfg).init)(
+      jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(scan_layers=False, tie_embeddings=False)],
+                         ids=["scanned", "loop-untied"])
+def test_packed_model_computes_the_fake_quantized_model(overrides):
+  cfg = tiny(**overrides)
+  params = init_params(cfg)
+  packed_cfg, packed = pack_params(cfg, params)
+  assert packed_cfg.linear_impl == "ternary_packed"
+  # Embedding, norms and head are kept as they were; projections shrink 16x (float32 -> 2 bit).
+  np.testing.assert_array_equal(packed["embedding"], params["embedding"])
+  if not cfg.tie_embeddings:
+    np.testing.assert_array_equal(packed["head"]["kernel"], params["head"]["kernel"])
+  kernels = lambda p: [x for path, x in jax.tree_util.tree_leaves_with_path(p)
+                       if "kernel" in jax.tree_util.keystr(path) and "head" not in
+                       jax.tree_util.keystr(path)]
+  assert param_bytes(kernels(packed)) < param_bytes(kernels(params)) / 15
+  tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, VOCAB)
+  fake = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)
+  served = jax.jit(Transformer(packed_cfg).apply)({"params": packed}, tokens)
+  np.testing.assert_allclose(served, fake, atol=1e-4, rtol=1e-4)
+
+
+# ---- BitLinear --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("in_axes,features,out_axes", [
+    (("embed",), (12,), ("mlp",)), (("heads", "head_dim"), (8,), ("embed",))])
+def test_bitlinear_gradients_are_straight_through(in_axes, features, out_axes):
+  """With y = BitLinear(x; W) and a cotangent c on y:
+  dL/dW == d/dW~ <c, Q_a(norm(x)) . W~> at W~ = Q_w(W): the dense gradient at the quantized
+    operands, i.e. Q_w's STE;
+  dL/dx == d/dx <c, norm(x) . Q_w(W)>: Q_a is the identity backwards, the norm is not."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 8) if len(in_axes) == 2 else (2, 3, 16))
+  layer = Linear(features, in_axes, out_axes, impl="bitnet")
+  params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
+  y = jax.eval_shape(layer.apply, {"params": params}, x)
+  c = jax.random.normal(jax.random.key(2), y.shape)
+  n_in = len(in_axes)
+  contract = ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
+  dense = lambda a, w: jnp.sum(jax.lax.dot_general(a, w, contract) * c)
+
+  grad_w, grad_x = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x) * c),
+                                    argnums=(0, 1)))(params, x)
+  kernel = nn.meta.unbox(params)["kernel"]
+  q, x_scale = quantize_activations(rms_normalize(x, n_in), n_in)
+  t, w_scale = quantize_weights(kernel)
+  expected_w = jax.grad(dense, argnums=1)(q * x_scale, t * w_scale)
+  expected_x = jax.grad(lambda x: dense(rms_normalize(x, n_in), t * w_scale))(x)
+  np.testing.assert_allclose(nn.meta.unbox(grad_w)["kernel"], expected_w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad_x, expected_x, rtol=1e-5, atol=1e-6)
+  assert set(np.unique(np.asarray(t))) <= {-1.0, 0.0, 1.0}
+  assert np.abs(np.asarray(q)).max() <= 127
+
+
+def test_bitnet_keeps_dense_param_names_shapes_and_axes():
+  dense = jax.eval_shape(Transformer(tiny(linear_impl="dense")).init, jax.random.key(0),
+                         jnp.zeros((1, 4), jnp.int32))
+  bitnet = jax.eval_shape(Transformer(tiny()).init, jax.random.key(0),
+                          jnp.zeros((1, 4), jnp.int32))
+  describe = lambda tree: jax.tree.map(
+      lambda x: (x.value.shape, x.names) if isinstance(x, nn.Partitioned) else x.shape, tree,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert describe(dense) == describe(bitnet)
+
+
+def test_linear_impl_is_validated_and_in_base_config():
+  assert base_config().model.linear_impl == "dense"
+  with pytest.raises(ValueError, match="linear_impl='ternary'"):
+    tiny(linear_impl="ternary")
+
+
+# ---- schedule, training, serving --------------------------------------------------------------
+
+def train_config(**overrides):
+  tc = dict(steps=40, warmup_steps=4, learning_rate=1e-2, final_lr_fraction=0.1,
+            schedule="two_stage", weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0)
+  return ml_collections.ConfigDict({**tc, **overrides})
+
+
+def test_two_stage_schedule_drops_lr_and_weight_decay_at_half_way():
+  tc = train_config()
+  lr, wd = learning_rate_schedule(tc), weight_decay_schedule(tc)
+  assert float(lr(2)) == pytest.approx(0.5e-2)
+  assert float(lr(4)) == float(lr(19)) == pytest.approx(1e-2)
+  assert float(lr(20)) == pytest.approx(1e-3)
+  assert float(lr(39)) < float(lr(30)) < 1e-3
+  assert float(wd(19)) == pytest.approx(0.1) and float(wd(20)) == 0.0
+  assert weight_decay_schedule(train_config(schedule="cosine")) == 0.1
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A tiny bitnet model trained by `train_step` on one repeated batch of a periodic stream."""
+  cfg = tiny()
+  tc = train_config()
+  model, optimizer = Transformer(cfg), make_optimizer(tc)
+  params = init_params(cfg)
+  tokens = (np.arange(8)[:, None] * 3 + np.arange(17)[None] * 5) % VOCAB  # [batch, length + 1]
+  ones = np.ones((8, 16), np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones,
+           "positions": np.broadcast_to(np.arange(16), (8, 16))}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
+  step = jax.jit(lambda s, b: train_step(s, b, model=model, optimizer=optimizer,
+                                         schedule=learning_rate_schedule(tc), grad_accum=1,
+                                         z_loss=0.0))
+  losses = []
+  for _ in range(tc.steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return cfg, state.params, losses
+
+
+def test_tiny_bitnet_model_trains(trained):
+  _, _, losses = trained
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-5:]) < 0.5 * losses[0], losses
+
+
+def test_generation_from_packed_model_equals_fake_quant_greedy(trained):
+  cfg, params, _ = trained
+  packed_cfg, packed = pack_params(cfg, params)
+  prompts = [[0, 5, 10, 15], [3, 8]]
+  fake = generate(cfg, params, prompts, max_new_tokens=8)
+  served = generate(packed_cfg, packed, prompts, max_new_tokens=8)
+  assert served == fake
+  assert fake[0][:3] == [20, 25, 30]  # the model learned the +5 stream
