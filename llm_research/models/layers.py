@@ -33,7 +33,6 @@ class Linear(nn.Module):
   in_axes: tuple[str, ...]
   out_axes: tuple[str, ...]
   dtype: Dtype = jnp.float32
-  kernel_init: Any = None
   impl: str = "dense"
 
   @nn.compact
@@ -42,10 +41,7 @@ class Linear(nn.Module):
     in_shape = x.shape[-n_in:]
     if self.impl == "ternary_packed":
       return self._ternary_packed(x, in_shape)
-    fan_in = 1
-    for d in in_shape:
-      fan_in *= d
-    init = self.kernel_init or nn.initializers.normal(stddev=fan_in**-0.5)
+    init = nn.initializers.normal(stddev=math.prod(in_shape)**-0.5)
     kernel = self.param(
         "kernel",
         nn.with_logical_partitioning(init, self.in_axes + self.out_axes),
