@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state together with the data iterator's position.
 
 A checkpoint that cannot be restored (corrupt or partial) is refused with a message, moved aside
-to `<workdir>/corrupt_checkpoints/<step>` (nothing is deleted) and the previous one is used.
+to `<workdir>/corrupt_checkpoints/<step>` (`<step>.1`, `<step>.2`, ... if the same step was
+refused before; nothing is deleted) and the previous one is used.
 """
 import logging
 
@@ -51,6 +52,10 @@ class Checkpointer:
 
   def _quarantine(self, step: int, error: Exception) -> None:
     target = self.workdir / "corrupt_checkpoints" / str(step)
+    for n in range(1, 1000):  # a step refused before (e.g. corrupted again after a resume)
+      if not target.exists():
+        break
+      target = self.workdir / "corrupt_checkpoints" / f"{step}.{n}"
     logging.error("checkpoint at step %d is corrupt or partial and is refused (%s: %s); "
                   "moved to %s, trying the previous one", step, type(error).__name__,
                   str(error).splitlines()[0][:300] if str(error) else "", target)

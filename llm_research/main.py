@@ -59,9 +59,6 @@ def main(argv=None) -> dict:
   from llm_research import sample, train  # after distributed init
 
   os.makedirs(args.workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(args.workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
         f"processes: {jax.process_count()}")
   final = train.train_and_evaluate(config, args.workdir)

@@ -50,9 +50,23 @@ def rules_from_config(config) -> tuple:
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a pytree whose leaves carry logical-axis metadata (others replicate)."""
+  """NamedShardings for a pytree whose leaves carry logical-axis metadata (others replicate).
+
+  A dimension its mesh axes do not divide evenly (e.g. the byte tokenizer's vocab of 259 over
+  tensor=2) is replicated instead: JAX cannot create arrays sharded unevenly.
+  """
   specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return jax.tree.map(_divisible, shardings, nn.meta.unbox(abstract_tree))
+
+
+def _divisible(sharding: NamedSharding, abstract) -> NamedSharding:
+  def ways(axes):
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(sharding.mesh.shape[a] for a in axes if a is not None)
+  spec = [axes if axes is None or size % ways(axes) == 0 else None
+          for axes, size in zip(sharding.spec, abstract.shape)]
+  return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules) -> tuple[Any, Any]:
@@ -72,11 +86,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "") -> None:
+  """`what` names the batch in the error (default: train.batch_size=<global_batch_size>)."""
   ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if global_batch_size % ways or global_batch_size % jax.process_count():
     raise ValueError(
-        f"train.batch_size={global_batch_size} cannot be split over the data axes "
+        f"{what or f'train.batch_size={global_batch_size}'} cannot be split over the data axes "
         f"(data x fsdp = {ways} ways) and {jax.process_count()} processes: "
         "choose a multiple of both")
 

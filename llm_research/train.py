@@ -1,5 +1,6 @@
 """Training: the train state, optimizer, jitted step, eval, and the resumable loop."""
 import functools
+import os
 import signal
 import time
 from typing import Any
@@ -145,7 +146,10 @@ class Trainer:
     if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
       raise ValueError(f"train.grad_accum={tc.grad_accum} must divide "
                        f"train.batch_size={tc.batch_size}")
-    sharding.check_batch_size(tc.batch_size // tc.grad_accum, self.mesh)
+    sharding.check_batch_size(
+        tc.batch_size // tc.grad_accum, self.mesh,
+        what=f"the micro-batch of train.batch_size={tc.batch_size} / "
+             f"train.grad_accum={tc.grad_accum} = {tc.batch_size // tc.grad_accum} rows")
     self.optimizer = make_optimizer(tc)
     self.state_shardings = sharding.logical_shardings(
         jax.eval_shape(self._init_boxed), self.mesh, self.rules)
@@ -226,7 +230,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Returns the last logged metrics (with the final eval). Saves every `checkpoint_every` steps,
   on SIGTERM and at the end; a resumed run continues the exact trajectory (params, optimizer,
-  step, RNG and data position all come from the checkpoint).
+  step, RNG and data position all come from the checkpoint). Writes `workdir/config.json` only
+  once the config has passed every check (mesh, batch, data), so a bad command leaves an
+  existing run's record as it was.
   """
   tc = config.train
   tokenizer = data.get_tokenizer(config.data)
@@ -234,6 +240,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_iter = data.make_train_iterator(
       config.data, tokenizer, global_batch_size=tc.batch_size, seed=config.data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
   state, start = checkpointer.restore_latest(trainer.abstract_state(), train_iter)
   if state is None:

@@ -1,10 +1,30 @@
 """Shared fixtures: a tiny experiment config on the tiny stdlib corpus, built once per session."""
 import os
+import shutil
+import tempfile
 
 import pytest
 
 TESTS_DIR = os.path.dirname(__file__)
 TINY_CONFIG = os.path.join(TESTS_DIR, "tiny_config.py")
+
+
+def pytest_configure(config):
+  """One JAX compilation cache for the session, shared with subprocesses through the environment.
+
+  Every run of the tiny config builds a fresh Trainer whose (identical) programs would otherwise
+  compile again, in this process and in the CLI subprocesses; with the cache each compiles once.
+  Set JAX_COMPILATION_CACHE_DIR yourself to keep a cache between sessions.
+  """
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    cache_dir = tempfile.mkdtemp(prefix="llm_research_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    config.add_cleanup(lambda: shutil.rmtree(cache_dir, ignore_errors=True))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  import jax  # pylint: disable=g-import-not-at-top (after the environment is set)
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,131 @@
+"""Train steps of the tiny config under a mesh, for tests/test_sharding.py.
+
+Imported by the test (one CPU device: the reference) and run as a subprocess on 8 fake devices:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py OUT.npz
+
+The subprocess runs `STEPS` real train steps (`Trainer.step`: sharded init, sharded batches, the
+jitted step with its in/out shardings) under each mesh of `MESHES`, and saves per mesh the
+losses, the first step's full gradient, the final params, and how params and grads are laid
+out; plus the messages of the configs 8 devices cannot run.
+"""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llm_research import config as config_lib
+from llm_research import main as cli
+from llm_research import train
+from llm_research.data import ByteTokenizer
+
+TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_config.py")
+STEPS = 3
+MESHES = {  # name -> overrides; batch_size 8 splits over data x fsdp in each
+    "data8": ["mesh.data=8"],
+    "data2_fsdp2_tensor2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    "fsdp4_tensor2": ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"],
+    "data4_tensor2_accum2": ["mesh.data=-1", "mesh.tensor=2", "train.grad_accum=2"],
+}
+# Leaves whose layout the test checks, by path.
+WATCHED = ("embedding", "layers/mlp/gate/kernel", "layers/mlp/down/kernel",
+           "layers/attn/query/kernel", "layers/attn/key/kernel", "layers/attn/out/kernel",
+           "layers/attn_norm/scale")
+
+
+def grad_recorder(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner`, with the last gradient it was given kept in its state: (inner state, grads)."""
+  def init(params):
+    return inner.init(params), jax.tree.map(jnp.zeros_like, params)
+
+  def update(grads, state, params=None):
+    updates, inner_state = inner.update(grads, state[0], params)
+    return updates, (inner_state, grads)
+
+  return optax.GradientTransformation(init, update)
+
+
+def batches(config, count: int):
+  """Deterministic packed batches: two documents per row, then some padding."""
+  rng = np.random.default_rng(1)
+  rows, length = config.train.batch_size, config.data.seq_len
+  for _ in range(count):
+    tokens = rng.integers(3, 259, (rows, length + 1), dtype=np.int32)
+    segment_ids = np.zeros((rows, length), np.int32)
+    positions = np.zeros((rows, length), np.int32)
+    for row in range(rows):
+      split, end = rng.integers(1, length // 2), rng.integers(length // 2, length + 1)
+      segment_ids[row, :split], segment_ids[row, split:end] = 1, 2
+      positions[row, :split], positions[row, split:end] = np.arange(split), np.arange(end - split)
+    yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids,
+           "positions": positions}
+
+
+def flatten(tree) -> dict:
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def run(overrides=()) -> dict:
+  """Trains STEPS steps under the mesh `overrides` give; numpy results and layouts."""
+  config = config_lib.load_config(TINY_CONFIG, overrides)
+  make_optimizer = train.make_optimizer
+  train.make_optimizer = lambda tc: grad_recorder(make_optimizer(tc))
+  try:
+    trainer = train.Trainer(config, ByteTokenizer())
+  finally:
+    train.make_optimizer = make_optimizer
+  state = trainer.init_state()
+  init_layout = {name: (str(leaf.sharding.spec), leaf.addressable_shards[0].data.shape)
+                 for name, leaf in flatten(state.params).items() if name in WATCHED}
+  losses, grads = [], None
+  for batch in batches(config, STEPS):
+    state, metrics = trainer.step(state, batch)
+    losses.append(float(metrics["loss"]))
+    if grads is None:
+      grads = flatten(state.opt_state[1])
+      grad_layout = {name: str(grads[name].sharding.spec) for name in WATCHED}
+      grads = {name: np.asarray(g) for name, g in grads.items()}
+  return {"mesh": dict(trainer.mesh.shape), "losses": losses, "grads": grads,
+          "params": {name: np.asarray(p) for name, p in flatten(state.params).items()},
+          "init_layout": init_layout, "grad_layout": grad_layout}
+
+
+def refusals(workdir: str) -> dict:
+  """name -> the message of each config that 8 devices cannot run."""
+  messages = {}
+  for name, overrides in {
+      "mesh_3": ["mesh.data=3"],
+      "mesh_16": ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=2"],
+      "batch_12_on_8": ["mesh.data=8", "train.batch_size=12"],
+      "micro_batch_4_on_8": ["mesh.data=8", "train.batch_size=8", "train.grad_accum=2"],
+  }.items():
+    # Through the CLI, into a workdir that must stay as it is. Were a config not refused, the
+    # missing text_dir would fail the worker (FileNotFoundError) instead of training.
+    overrides += ["data.source=text_dir", "data.text_dir=/nonexistent"]
+    try:
+      cli.main(["--config", TINY_CONFIG, "--workdir", workdir,
+                *(f"--config.{o}" for o in overrides)])
+    except ValueError as error:
+      messages[name] = str(error)
+  return messages
+
+
+def main(out_path: str, workdir: str):
+  assert jax.device_count() == 8, jax.devices()
+  results = {name: run(overrides) for name, overrides in MESHES.items()}
+  arrays, summary = {}, {"refusals": refusals(workdir)}
+  for name, result in results.items():
+    for kind in ("grads", "params"):
+      for leaf, value in result.pop(kind).items():
+        arrays[f"{name}|{kind}|{leaf}"] = value
+    summary[name] = result
+  np.savez(out_path, summary=json.dumps(summary), **arrays)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

@@ -1,0 +1,162 @@
+"""Sharding: train steps on 8 fake devices (data, fsdp and tensor parallel) compute what one
+device computes; params and grads are laid out as the logical-axis rules say; configs that do
+not fit the devices are refused by name.
+
+The 8-device side runs in one subprocess (tests/sharding_worker.py): the main pytest process
+already has its single CPU device.
+"""
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import sharding_worker
+from conftest import TESTS_DIR
+from llm_research import sharding
+
+
+def once_per_run(tmp_path_factory, name: str, produce) -> pathlib.Path:
+  """Runs `produce(directory)` once per pytest run, even when pytest-xdist workers (who share
+  the parent of their temporary folders) each ask for it; returns the directory."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  directory = root / name
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (directory / "done").exists():
+      shutil.rmtree(directory, ignore_errors=True)
+      directory.mkdir()
+      produce(directory)
+      (directory / "done").touch()
+  return directory
+
+
+def compute(directory: pathlib.Path) -> None:
+  """8 devices (the worker, in a subprocess) and, meanwhile, 1 device (here), into files."""
+  workdir = directory / "workdir"
+  workdir.mkdir()
+  with open(workdir / "metrics.jsonl", "w") as f:
+    f.write('{"step": 1, "loss": 1.0}\n')
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  with open(directory / "worker.log", "w+") as log:
+    worker = subprocess.Popen([sys.executable, os.path.join(TESTS_DIR, "sharding_worker.py"),
+                               str(directory / "eight.npz"), str(workdir)],
+                              env=env, stdout=log, stderr=log)
+    try:
+      one = sharding_worker.run()
+      worker.wait(timeout=540)
+    finally:
+      worker.kill()
+      worker.wait()
+    log.seek(0)
+    assert worker.returncode == 0, log.read()[-6000:]
+  arrays = {f"{kind}|{name}": value for kind in ("grads", "params")
+            for name, value in one.pop(kind).items()}
+  np.savez(directory / "one.npz", summary=json.dumps(one), **arrays)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  """(one device's result, 8 devices' summary, their arrays, the workdir refused runs saw)."""
+  directory = once_per_run(tmp_path_factory, "sharding_results", compute)
+  one = dict(np.load(directory / "one.npz"))
+  one_device = json.loads(str(one.pop("summary")))
+  for kind in ("grads", "params"):
+    one_device[kind] = {k.split("|", 1)[1]: v for k, v in one.items() if k.startswith(kind)}
+  arrays = dict(np.load(directory / "eight.npz"))
+  return one_device, json.loads(str(arrays.pop("summary"))), arrays, directory / "workdir"
+
+
+@pytest.fixture(scope="module")
+def eight_devices(results):
+  return results[1:]
+
+
+@pytest.fixture(scope="module")
+def one_device(results):
+  return results[0]
+
+
+@pytest.mark.parametrize("mesh", list(sharding_worker.MESHES))
+def test_losses_gradients_and_params_match_one_device(mesh, eight_devices, one_device):
+  summary, arrays, _ = eight_devices
+  result = summary[mesh]
+  assert np.prod(list(result["mesh"].values())) == 8
+  assert one_device["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}
+
+  np.testing.assert_allclose(result["losses"], one_device["losses"], rtol=1e-5)
+  assert one_device["losses"][-1] < one_device["losses"][0]  # the steps did train
+  assert set(one_device["grads"]) == {k.split("|")[2] for k in arrays
+                                      if k.startswith(f"{mesh}|grads|")}
+  grad_norm = np.sqrt(sum(np.sum(g**2) for g in one_device["grads"].values()))
+  for name, want in one_device["grads"].items():
+    got = arrays[f"{mesh}|grads|{name}"]
+    assert got.shape == want.shape, name
+    # Relative to the whole gradient: summation order differs across devices.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * grad_norm, err_msg=name)
+  for name, want in one_device["params"].items():
+    np.testing.assert_allclose(arrays[f"{mesh}|params|{name}"], want, rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+
+
+def test_params_and_grads_are_sharded_as_the_rules_say(eight_devices):
+  summary, _, _ = eight_devices
+  layout = summary["data2_fsdp2_tensor2"]["init_layout"]
+  # (spec, one device's shard) with layers=2, embed=32, mlp=64, heads=4, kv_heads=2, head_dim=8.
+  assert layout["layers/mlp/gate/kernel"] == ["P(None, 'fsdp', 'tensor')", [2, 16, 32]]
+  assert layout["layers/mlp/down/kernel"] == ["P(None, 'tensor', 'fsdp')", [2, 32, 16]]
+  assert layout["layers/attn/query/kernel"] == ["P(None, 'fsdp', 'tensor', None)", [2, 16, 2, 8]]
+  assert layout["layers/attn/key/kernel"] == ["P(None, 'fsdp', 'tensor', None)", [2, 16, 1, 8]]
+  assert layout["layers/attn/out/kernel"] == ["P(None, 'tensor', None, 'fsdp')", [2, 2, 8, 16]]
+  assert layout["layers/attn_norm/scale"] == ["P(None, 'fsdp')", [2, 16]]
+  # The byte vocab (259) does not split over tensor=2: that dim is replicated, embed still fsdp.
+  assert layout["embedding"] == ["P(None, 'fsdp')", [259, 16]]
+
+  layout = summary["fsdp4_tensor2"]["init_layout"]
+  assert layout["layers/mlp/gate/kernel"] == ["P(None, 'fsdp', 'tensor')", [2, 8, 32]]
+  assert layout["embedding"] == ["P(None, 'fsdp')", [259, 8]]
+  for mesh in sharding_worker.MESHES:  # gradients come out laid out like their params
+    result = summary[mesh]
+    assert result["grad_layout"] == {k: v[0] for k, v in result["init_layout"].items()}
+
+
+def test_configs_that_do_not_fit_8_devices_are_refused_by_name(eight_devices):
+  summary, _, workdir = eight_devices
+  refusals = summary["refusals"]
+  assert refusals["mesh_3"] == ("mesh (data=3, fsdp=1, tensor=1, expert=1) needs 3 devices, "
+                                "but there are 8")
+  assert "needs 16 devices, but there are 8" in refusals["mesh_16"]
+  assert refusals["batch_12_on_8"].startswith(
+      "train.batch_size=12 cannot be split over the data axes (data x fsdp = 8 ways)")
+  assert refusals["micro_batch_4_on_8"].startswith(
+      "the micro-batch of train.batch_size=8 / train.grad_accum=2 = 4 rows cannot be split "
+      "over the data axes (data x fsdp = 8 ways)")
+  # The refused runs left the workdir they were pointed at as it was.
+  assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]
+  with open(workdir / "metrics.jsonl") as f:
+    assert f.read() == '{"step": 1, "loss": 1.0}\n'
+
+
+@pytest.mark.parametrize("sizes, devices, message", [
+    (dict(data=-1, fsdp=3), 8, "8 is not divisible by 3"),
+    (dict(data=-1, fsdp=-1), 8, "at most one -1"),
+    (dict(data=0), 8, "sizes must be positive"),
+    (dict(data=2, fsdp=2, tensor=2), 4, "needs 8 devices, but there are 4"),
+])
+def test_mesh_shape_names_what_does_not_fit(sizes, devices, message):
+  mesh_config = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, **sizes}
+  with pytest.raises(ValueError, match=message):
+    sharding.mesh_shape(mesh_config, devices)
+
+
+def test_mesh_shape_fills_the_one_free_axis():
+  assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2, "expert": 1}, 8) == (2, 2, 2, 1)
+  assert sharding.mesh_shape({"data": 1, "fsdp": 4, "tensor": -1, "expert": 1}, 8) == (1, 4, 2, 1)

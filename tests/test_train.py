@@ -1,0 +1,305 @@
+"""Training end to end: the CLI's run record, exact resumption after SIGTERM / SIGKILL / a corrupt
+checkpoint, gradient accumulation, clear errors for bad input, and sampling a trained run.
+
+Every run here uses the tiny config (tests/tiny_config.py: 6 steps, eval at 3 and 6, checkpoints
+at 3 and 6). The session's compilation cache (conftest.py) makes runs after the first cheap.
+"""
+import functools
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import TESTS_DIR, TINY_CONFIG
+from sharding_worker import grad_recorder
+from llm_research import main as cli
+from llm_research import sample, train
+from llm_research.metrics import read_metrics
+from llm_research.models import Transformer
+
+# Every metric the tiny run computes that must repeat exactly on resumption (timings aside).
+TRAJECTORY_KEYS = ("loss", "grad_norm", "learning_rate", "eval_loss")
+
+
+def cli_args(tiny_overrides, workdir, *extra):
+  return ["--config", TINY_CONFIG, "--workdir", str(workdir),
+          *(f"--config.{o}" for o in tiny_overrides), *extra]
+
+
+def trajectory(workdir) -> dict:
+  """{key: [(step, value), ...]} from a run's metrics.jsonl."""
+  records = read_metrics(str(workdir))
+  return {k: [(r["step"], r[k]) for r in records if k in r] for k in TRAJECTORY_KEYS}
+
+
+def assert_same_trajectory(workdir, reference_workdir):
+  got, want = trajectory(workdir), trajectory(reference_workdir)
+  for key in TRAJECTORY_KEYS:
+    assert [s for s, _ in got[key]] == [s for s, _ in want[key]], key
+    np.testing.assert_allclose([v for _, v in got[key]], [v for _, v in want[key]],
+                               rtol=1e-6, atol=0, err_msg=key)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  return sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
+                if name.isdigit())
+
+
+def snapshot(workdir) -> dict:
+  """relative path -> sha256 of every file below `workdir`."""
+  files = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "**"), recursive=True)):
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return files
+
+
+def tensorboard_scalars(workdir, tag) -> dict:
+  """{step: value} of one scalar tag, read from the TFRecord event files (no TF needed)."""
+  from tensorboardX.proto import event_pb2
+  values = {}
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
+    with open(path, "rb") as f:
+      blob = f.read()
+    offset = 0
+    while offset < len(blob):
+      (length,) = struct.unpack_from("<Q", blob, offset)
+      event = event_pb2.Event.FromString(blob[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4  # length, its crc, the record, its crc
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = value.simple_value
+  return values
+
+
+class StepCounter:
+  """Wraps Trainer.step: counts the steps a run trains, and runs `hook(step)` after each."""
+
+  def __init__(self, monkeypatch, hook=None):
+    self.steps = []
+    real_step = train.Trainer.step
+
+    def step(trainer, state, batch):
+      new_state, metrics = real_step(trainer, state, batch)
+      self.steps.append(int(new_state.step))
+      if hook is not None:
+        hook(self.steps[-1])
+      return new_state, metrics
+
+    monkeypatch.setattr(train.Trainer, "step", step)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_overrides, tmp_path_factory):
+  """The tiny run, uninterrupted, through the CLI: (workdir, the metrics main returned)."""
+  workdir = str(tmp_path_factory.mktemp("reference_run"))
+  return workdir, cli.main(cli_args(tiny_overrides, workdir))
+
+
+def test_cli_run_leaves_config_metrics_tensorboard_and_checkpoints(reference_run, tiny_config):
+  workdir, final = reference_run
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == json.loads(tiny_config().to_json())
+
+  records = read_metrics(workdir)
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # log_every=1
+  assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+  assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+  assert final == {k: v for k, v in records[-1].items() if k != "step"}
+
+  losses = [r["loss"] for r in records]
+  assert losses[-1] < losses[0] - 0.5, losses
+  assert records[-1]["eval_loss"] < records[2]["eval_loss"], records
+
+  assert tensorboard_scalars(workdir, "loss") == pytest.approx(
+      {r["step"]: r["loss"] for r in records}, rel=1e-6)
+
+  assert checkpoint_steps(workdir) == [3, 6]
+  for step in (3, 6):
+    assert os.path.isfile(os.path.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA"))
+
+
+def test_sigterm_then_rerun_continues_the_same_trajectory(reference_run, tiny_overrides,
+                                                          tmp_path, monkeypatch, capsys):
+  reference, _ = reference_run
+  workdir = tmp_path / "run"
+  args = cli_args(tiny_overrides, workdir)
+
+  def preempt(step):
+    if step == 2:  # a real SIGTERM, through the run's own handler
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with monkeypatch.context() as patch:
+    first = StepCounter(patch, preempt)
+    cli.main(args)
+  assert first.steps == [1, 2]
+  assert "stopped by SIGTERM; saved step 2" in capsys.readouterr().out
+  assert checkpoint_steps(workdir) == [2]  # checkpoint_every=3: step 2 is the SIGTERM save
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+
+  second = StepCounter(monkeypatch)
+  cli.main(args)
+  assert second.steps == [3, 4, 5, 6]
+  assert_same_trajectory(workdir, reference)
+  assert checkpoint_steps(workdir) == [2, 3, 6]
+
+
+def test_sigkill_then_rerun_resumes_from_last_periodic_checkpoint(reference_run, tiny_overrides,
+                                                                   tmp_path, monkeypatch):
+  reference, _ = reference_run
+  workdir = tmp_path / "run"
+  args = cli_args(tiny_overrides, workdir)
+  worker = [sys.executable, os.path.join(TESTS_DIR, "train_worker.py"), "--kill_before_step", "5",
+            "--", *args]
+  killed = subprocess.run(worker, capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+  assert "SIGKILL before step 5" in killed.stdout
+  assert checkpoint_steps(workdir) == [3]
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4]  # step 4: lost work
+
+  resumed = StepCounter(monkeypatch)
+  cli.main(args)
+  assert resumed.steps == [4, 5, 6]  # from the step-3 checkpoint, not from scratch
+  assert_same_trajectory(workdir, reference)
+
+
+def damage_array_data(checkpoint):
+  """Overwrites every array data file of the state with garbage of the same size."""
+  files = glob.glob(os.path.join(checkpoint, "state", "ocdbt.process_*", "d", "*"))
+  assert files
+  rng = np.random.default_rng(0)
+  for path in files:
+    with open(path, "r+b") as f:
+      f.write(rng.bytes(os.path.getsize(path)))
+
+
+def delete_metadata(checkpoint):
+  os.remove(os.path.join(checkpoint, "state", "_METADATA"))
+
+
+def test_corrupt_newest_checkpoint_is_moved_aside_and_run_resumes_from_previous(
+    reference_run, tiny_overrides, tmp_path, monkeypatch, capsys):
+  reference, _ = reference_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  args = cli_args(tiny_overrides, workdir, "--config.sample.max_new_tokens=0")
+  counter = StepCounter(monkeypatch)
+  newest = os.path.join(workdir, "checkpoints", "6")
+
+  # The same step damaged twice (two ways): the second refusal must not trip over the first.
+  for damage, moved_to in [(damage_array_data, "6"), (delete_metadata, "6.1")]:
+    damage(newest)
+    damaged_files = snapshot(newest)
+    counter.steps.clear()
+    cli.main(args)
+    out = capsys.readouterr().out
+    assert "refusing corrupt checkpoint at step 6" in out, out
+    quarantined = os.path.join(workdir, "corrupt_checkpoints", moved_to)
+    assert f"moved to {quarantined};" in out
+    assert snapshot(quarantined) == damaged_files  # moved as it was, nothing deleted
+    assert counter.steps == [4, 5, 6]  # from the good step-3 checkpoint
+    assert checkpoint_steps(workdir) == [3, 6]
+    assert_same_trajectory(workdir, reference)
+
+
+def test_grad_accumulation_gives_the_same_loss_gradients_and_update(tiny_config):
+  config = tiny_config()
+  vocab = 259
+  model = Transformer(train.model_config_from(config, vocab))
+  optimizer = grad_recorder(train.make_optimizer(config.train))
+  rows, length = config.train.batch_size, config.data.seq_len
+  rng = np.random.default_rng(0)
+  # Packed rows with uneven padding: micro-batches (rows i::grad_accum) hold different numbers of
+  # tokens, so averaging per micro-batch (rather than over all tokens) would give another loss.
+  tokens = rng.integers(3, vocab, (rows, length + 1), dtype=np.int32)
+  segment_ids = np.zeros((rows, length), np.int32)
+  positions = np.zeros((rows, length), np.int32)
+  for row in range(rows):
+    split, end = length // 3 + row, length - 3 * (row % 2) * (row + 1)
+    segment_ids[row, :split], segment_ids[row, split:end] = 1, 2
+    positions[row, :split], positions[row, split:end] = np.arange(split), np.arange(end - split)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids,
+           "positions": positions}
+  assert segment_ids[0::2].astype(bool).sum() != segment_ids[1::2].astype(bool).sum()
+
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch["inputs"])["params"])
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
+
+  def step(grad_accum):
+    fn = functools.partial(train.train_step, model=model, optimizer=optimizer,
+                           schedule=train.learning_rate_schedule(config.train),
+                           grad_accum=grad_accum, z_loss=1e-4)
+    state2, metrics = jax.jit(fn)(state, batch)
+    return state2, jax.device_get(metrics)
+
+  whole_state, whole = step(1)
+  whole_grads = whole_state.opt_state[1]
+  assert float(optax.global_norm(whole_grads)) > 0
+  accum_state, accum = step(2)
+  np.testing.assert_allclose(accum["loss"], whole["loss"], rtol=1e-5)
+  np.testing.assert_allclose(accum["grad_norm"], whole["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               accum_state.opt_state[1], whole_grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               accum_state.params, whole_state.params)
+
+
+@pytest.fixture
+def existing_run(reference_run, tmp_path):
+  """A copy of the finished reference run: a workdir a bad command must leave untouched."""
+  workdir = str(tmp_path / "existing_run")
+  shutil.copytree(reference_run[0], workdir)
+  return workdir
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (["--config.train.stesp=3"], SystemExit,
+     "unknown config key 'train.stesp': train has no 'stesp' (did you mean 'steps'?)"),
+    (["--config.mesh.data=3"], ValueError,
+     "mesh (data=3, fsdp=1, tensor=1, expert=1) needs 3 devices, but there are 1"),
+    (["--config.train.grad_accum=3"], ValueError,
+     "train.grad_accum=3 must divide train.batch_size=8"),
+    (["--config.data.source=text_dir", "--config.data.text_dir={empty_dir}"], ValueError,
+     "text_dir '{empty_dir}' has no records in split 'train'"),
+    (["--config.data.source=tfds", "--config.data.tfds_name=no_such_dataset"], FileNotFoundError,
+     "TFDS dataset 'no_such_dataset' (split 'train') in data_dir '{data_dir}': no such dataset"),
+], ids=["mistyped-key", "mesh-too-big", "grad-accum", "empty-text-dir", "missing-tfds"])
+def test_bad_input_is_a_clear_error_and_leaves_the_workdir_alone(
+    extra, error, message, existing_run, tiny_overrides, data_dirs, tmp_path):
+  fill = dict(empty_dir=str(tmp_path / "empty"), data_dir=data_dirs[0])
+  os.makedirs(fill["empty_dir"])
+  before = snapshot(existing_run)
+  with pytest.raises(error) as raised:
+    cli.main(cli_args(tiny_overrides, existing_run, *(e.format(**fill) for e in extra)))
+  text = raised.value.code if error is SystemExit else str(raised.value)
+  assert message.format(**fill) in text
+  assert snapshot(existing_run) == before
+
+
+def test_sample_cli_continues_a_prompt_from_the_trained_run(reference_run, capsys):
+  workdir, _ = reference_run
+  texts = sample.main(["--workdir", workdir, "--prompt", "def ", "--temperature", "0"])
+  out = capsys.readouterr().out
+  assert "--- step 6, prompt 'def ' ---" in out
+  assert len(texts) == 1 and isinstance(texts[0], str)
+  assert f"def {texts[0]}" in out
+  assert len(texts[0]) <= 8  # max_new_tokens=8 byte tokens: at most 8 characters
+  # Greedy decoding does not depend on the seed.
+  assert sample.main(["--workdir", workdir, "--prompt", "def ", "--temperature", "0",
+                      "--seed", "7"]) == texts
+  with pytest.raises(SystemExit, match="holds no run"):
+    sample.main(["--workdir", os.path.join(workdir, "no_such_run")])
