@@ -29,7 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="stdlib", stdlib_config="full", tfds_name="", text_key="text", text_dir="",
       data_dir=os.path.join(cache, "tensorflow_datasets"), cache_dir=cache,
-      tokenizer="sentencepiece", vocab_size=4096, seq_len=256, shuffle_seed=0))
+      tokenizer="sentencepiece", vocab_size=4096, seq_len=256, shuffle_seed=0,
+      eval_split="validation"))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, grad_accum=1, learning_rate=3e-3, warmup_steps=100,
@@ -115,5 +116,5 @@ def _parse(text: str, current, key: str):
   if isinstance(current, float) and isinstance(value, int):
     return float(value)
   if current is not None and not isinstance(value, type(current)):
-    raise ValueError(f"config key {key!r} takes a {type(current).__name__}, got {text!r}")
+    raise ValueError(f"config key {key!r} takes {type(current).__name__} values, got {text!r}")
   return value

@@ -17,7 +17,7 @@ from llm_research.checkpoints import Checkpointer
 
 
 def load_run(workdir: str):
-  """(config, tokenizer, trainer, params) of the newest good checkpoint in `workdir`."""
+  """(config, tokenizer, trainer, params, step) of the newest good checkpoint in `workdir`."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{workdir!r} holds no run: {config_path} does not exist")

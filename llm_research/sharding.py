@@ -3,8 +3,9 @@
 Model code names only logical axes; this module turns them into `NamedSharding`s on a mesh with
 axes (data, fsdp, tensor, expert). Works the same for one process or many (one per host).
 """
+import contextlib
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -69,16 +70,11 @@ def _divisible(sharding: NamedSharding, abstract) -> NamedSharding:
   return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
-def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules) -> tuple[Any, Any]:
-  """Runs `init_fn` (no args, returns a boxed pytree) with every output created sharded.
-
-  Returns (unboxed values, their shardings); no host ever holds a full copy.
-  """
-  abstract = jax.eval_shape(init_fn)
-  shardings = logical_shardings(abstract, mesh, rules)
-  with mesh, nn.logical_axis_rules(rules):
-    values = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
-  return values, shardings
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+  """The mesh and logical-axis rules that model code's sharding constraints resolve against."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,5 +1,6 @@
 """Training: the train state, optimizer, jitted step, eval, and the resumable loop."""
 import functools
+import json
 import os
 import signal
 import time
@@ -172,7 +173,7 @@ class Trainer:
 
   def init_state(self) -> TrainState:
     """A fresh state, created already sharded (no host holds a full copy)."""
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with sharding.activate(self.mesh, self.rules):
       return jax.jit(lambda: nn.meta.unbox(self._init_boxed()),
                      out_shardings=self.state_shardings)()
 
@@ -182,12 +183,12 @@ class Trainer:
                         shapes, self.state_shardings)
 
   def step(self, state: TrainState, local_batch: dict):
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with sharding.activate(self.mesh, self.rules):
       return self._train_step(state, sharding.shard_batch(local_batch, self.mesh))
 
   def lower_step(self, state, batch):
     """The train step lowered for these (possibly abstract) arguments: `.compile()` it."""
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with sharding.activate(self.mesh, self.rules):
       return self._train_step.lower(state, batch)
 
   def evaluate(self, params, num_batches: int) -> dict:
@@ -195,34 +196,69 @@ class Trainer:
     global_batch_size = self.config.train.batch_size
     it = data.make_eval_iterator(
         self.config.data, self.tokenizer, global_batch_size=global_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        split=self.config.data.eval_split)
     rows = global_batch_size // jax.process_count()
     empty_batch = {k: np.zeros((rows, self.config.data.seq_len), np.int32)
                    for k in ("inputs", "targets", "segment_ids", "positions")}
     nll, count = 0.0, 0.0
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with sharding.activate(self.mesh, self.rules):
       for _ in range(num_batches):
         # Every process runs the same number of steps: one out of data feeds empty rows.
         batch = next(it, None) or empty_batch
         n, c = self._eval_step(params, sharding.shard_batch(batch, self.mesh))
         nll, count = nll + float(n), count + float(c)
     if count == 0:
-      raise ValueError("the validation split gave no tokens to evaluate on")
+      raise ValueError(f"the {self.config.data.eval_split!r} split (data.eval_split) gave no "
+                       "tokens to evaluate on")
     return {"eval_loss": nll / count, "eval_perplexity": float(np.exp(nll / count))}
 
 
-class _StopFlag:
-  """Set by SIGTERM (how a preempted TPU VM is told), checked between steps."""
+class _Preemption:
+  """Whether to save and stop now. One process: on SIGTERM (how a preempted VM is told).
+  Several: JAX's preemption sync, which has its own SIGTERM handler and stops every host at
+  the same step."""
 
-  def __init__(self):
-    self.raised = False
-    self._previous = signal.signal(signal.SIGTERM, self._set)
+  def __init__(self, checkpointer: Checkpointer):
+    self._checkpointer = checkpointer
+    self._single = jax.process_count() == 1
+    self._signalled = False
+    if self._single:
+      self._previous = signal.signal(signal.SIGTERM, self._set)
 
   def _set(self, *_):
-    self.raised = True
+    self._signalled = True
 
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+  def reached(self, step: int) -> bool:
+    return self._signalled if self._single else self._checkpointer.reached_preemption(step)
+
+  def close(self):
+    if self._single:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# Keys that fix the shapes of a run's checkpoints: a workdir's run keeps them.
+SHAPE_KEYS = tuple(f"model.{k}" for k in (
+    "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+    "tie_embeddings", "scan_layers", "linear_impl")) + ("data.tokenizer", "data.vocab_size")
+
+
+def check_same_shapes(config, workdir: str) -> None:
+  """Refuses a config whose checkpoints could not be those already in `workdir`."""
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+    return
+  with open(path) as f:
+    previous = json.load(f)
+  changed = []
+  for key in SHAPE_KEYS:
+    section, name = key.split(".")
+    before, now = previous.get(section, {}).get(name), config[section][name]
+    if before is not None and before != now:
+      changed.append(f"{key}: {before!r} there, {now!r} here")
+  if changed:
+    raise ValueError(f"workdir {workdir!r} holds a run with other shapes ({'; '.join(changed)}): "
+                     "use a new --workdir, or the run's own config to resume it")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -240,6 +276,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_iter = data.make_train_iterator(
       config.data, tokenizer, global_batch_size=tc.batch_size, seed=config.data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  check_same_shapes(config, workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -257,7 +294,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   flops_per_step = training_flops_per_token(trainer.model_config, config.data.seq_len) \
       * tokens_per_step
   peak = peak_flops_per_device(tc.peak_flops_per_device)
-  stop = _StopFlag()
+  preemption = _Preemption(checkpointer)
   bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not tc.progress_bar
              or jax.process_index() != 0, dynamic_ncols=True)
   record, interval_start, interval_steps = {}, time.perf_counter(), 0
@@ -279,8 +316,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
         interval_start, interval_steps = time.perf_counter(), 0
       bar.update(1)
-      preempted = stop.raised if jax.process_count() == 1 else \
-          checkpointer.reached_preemption(step)
+      preempted = preemption.reached(step)
       if step % tc.checkpoint_every == 0 or is_last or preempted:
         checkpointer.save(step, state, train_iter)
       if preempted:
@@ -288,7 +324,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         print(f"stopped by SIGTERM; saved step {step}. Re-run the same command to resume.")
         break
   finally:
-    stop.restore()
+    preemption.close()
     bar.close()
     checkpointer.wait()
     checkpointer.close()
@@ -309,7 +345,8 @@ def unigram_baseline(config, tokenizer, *, train_batches: int = 100) -> float:
   log_probs = np.log(counts / counts.sum())
   nll, n = 0.0, 0
   for _, batch in zip(range(config.train.eval_batches),
-                      data.make_eval_iterator(config.data, tokenizer, **kwargs)):
+                      data.make_eval_iterator(config.data, tokenizer,
+                                              split=config.data.eval_split, **kwargs)):
     targets = batch["targets"][batch["segment_ids"] > 0]
     nll, n = nll - log_probs[targets].sum(), n + targets.size
   return nll / max(n, 1)

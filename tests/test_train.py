@@ -277,7 +277,10 @@ def existing_run(reference_run, tmp_path):
      "text_dir '{empty_dir}' has no records in split 'train'"),
     (["--config.data.source=tfds", "--config.data.tfds_name=no_such_dataset"], FileNotFoundError,
      "TFDS dataset 'no_such_dataset' (split 'train') in data_dir '{data_dir}': no such dataset"),
-], ids=["mistyped-key", "mesh-too-big", "grad-accum", "empty-text-dir", "missing-tfds"])
+    (["--config.model.embed_dim=48"], ValueError,
+     "holds a run with other shapes (model.embed_dim: 32 there, 48 here)"),
+], ids=["mistyped-key", "mesh-too-big", "grad-accum", "empty-text-dir", "missing-tfds",
+        "other-shapes"])
 def test_bad_input_is_a_clear_error_and_leaves_the_workdir_alone(
     extra, error, message, existing_run, tiny_overrides, data_dirs, tmp_path):
   fill = dict(empty_dir=str(tmp_path / "empty"), data_dir=data_dirs[0])
