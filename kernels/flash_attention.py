@@ -14,10 +14,12 @@ looping over the query heads of the group). Memory is linear in length.
 Lengths need not be multiples of the block sizes: the dispatch pads to whole blocks and the
 kernels mask the padded keys. Rows with nothing to attend to give zeros, never NaN.
 
-Backends: on GPU the kernels lower through Triton (block shapes are powers of two >= 16); on
-CPU they run with `interpret=True` (the tests). The tiles follow Triton's layout ([length,
-groups, head_dim] blocks of the query heads of one kv head, 1-D row vectors), which Mosaic (TPU)
-does not tile: there is no TPU path, and on TPU this raises and says so.
+Backends: the kernels in this file follow Triton's layout ([length, groups, head_dim] blocks of
+the query heads of one kv head, 1-D row vectors): on GPU they lower through Triton (block shapes
+are powers of two >= 16); on CPU they run with `interpret=True` (the tests). Mosaic (TPU) does
+not tile that layout, so on TPU the dispatch runs the kernels of flash_attention_tpu.py instead:
+the same algorithm on head-major [batch, heads, length, head_dim] views with 2-D (8, 128)-tiled
+blocks (block lengths >= 128, short inputs padded to 128) and VMEM accumulators.
 """
 import dataclasses
 import functools
@@ -45,12 +47,15 @@ class BlockSizes:
 
 # backend -> head_dim -> BlockSizes. GPU: fwd tiles as in FlashAttention-2 Triton kernels, bwd
 # smaller (it holds two accumulators, dk and dv); head_dim 256 halves both. Not tuned per GPU.
+# TPU: 128 everywhere, Mosaic's lane width; untuned (larger q blocks are likely faster).
 # CPU (interpret mode): big tiles, since interpret cost grows with the number of tile steps.
 BLOCK_SIZES = {
     "gpu": {64: BlockSizes(128, 64, 64, 64), 128: BlockSizes(128, 64, 64, 64),
             256: BlockSizes(64, 32, 32, 32)},
+    "tpu": {d: BlockSizes(128, 128, 128, 128) for d in SUPPORTED_HEAD_DIMS},
     "cpu": {d: BlockSizes(128, 128, 128, 128) for d in SUPPORTED_HEAD_DIMS},
 }
+_TPU_MIN_BLOCK = 128  # TPU blocks: multiples of Mosaic's lane width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,7 @@ class _Spec:
   window: tuple[int, int] | None  # (left, right): keys in [q - left, q + right]
   segmented: bool
   groups: int  # query heads per kv head
+  tpu: bool  # the Mosaic kernels of flash_attention_tpu.py, else the Triton-layout ones here
   interpret: bool
   compiler_params: object
 
@@ -370,21 +376,29 @@ def _backward(q, k, v, segments, out, lse, dout, spec):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _flash(q, k, v, segments, fwd_spec, bwd_spec):
-  return _forward(q, k, v, segments, fwd_spec)[0]
+  return _kernels(fwd_spec)[0](q, k, v, segments, fwd_spec)[0]
 
 
 def _flash_fwd(q, k, v, segments, fwd_spec, bwd_spec):
-  out, lse = _forward(q, k, v, segments, fwd_spec)
+  out, lse = _kernels(fwd_spec)[0](q, k, v, segments, fwd_spec)
   return out, (q, k, v, segments, out, lse)
 
 
 def _flash_bwd(fwd_spec, bwd_spec, residuals, dout):
   q, k, v, segments, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, segments, out, lse, dout, bwd_spec)
+  dq, dk, dv = _kernels(bwd_spec)[1](q, k, v, segments, out, lse, dout, bwd_spec)
   return dq, dk, dv, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _kernels(spec):
+  """(forward, backward) of spec's layout; both take and give the same arrays either way."""
+  if spec.tpu:
+    from llm_research.kernels import flash_attention_tpu  # imports this module
+    return flash_attention_tpu.forward, flash_attention_tpu.backward
+  return _forward, _backward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,25 +418,22 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
     local_window_size: None, an int w or a pair (left, right): query i sees keys in
       [i - left, i + right] (w means (w, w)), as in jax.nn.dot_product_attention.
     scale: logit scale, default head_dim ** -0.5.
-    block_sizes: a BlockSizes overriding the per-backend table `BLOCK_SIZES`.
+    block_sizes: a BlockSizes overriding the per-backend table `BLOCK_SIZES` (on TPU, >= 128).
     interpret: run the Pallas kernels in interpret mode; default True on CPU.
 
   Returns [batch, q_len, heads, head_dim] in query's dtype; float32 accumulation throughout.
   Rows that see no key are zeros. Differentiable in query, key, value (Pallas backward).
   """
-  _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes)
   backend = jax.default_backend()
+  _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes, backend)
   interpret = backend == "cpu" if interpret is None else interpret
-  if backend == "tpu" and not interpret:
-    raise NotImplementedError(
-        "flash_attention has no TPU kernel: its tiles ([length, groups, head_dim] blocks, 1-D "
-        "row vectors) follow Triton's layout, not Mosaic's. Use attention_impl='xla' or "
-        "jax.experimental.pallas.ops.tpu.splash_attention on TPU.")
   q_len, heads, head_dim = query.shape[1:]
   kv_len, kv_heads = key.shape[1], key.shape[2]
-  blocks = block_sizes or BLOCK_SIZES["gpu" if backend == "gpu" else "cpu"][head_dim]
-  fwd_blocks = (_fit(blocks.block_q, q_len), _fit(blocks.block_k, kv_len))
-  bwd_blocks = (_fit(blocks.block_q_bwd, q_len), _fit(blocks.block_k_bwd, kv_len))
+  blocks = block_sizes or BLOCK_SIZES[backend if backend in ("gpu", "tpu") else "cpu"][head_dim]
+  # Short inputs shrink the blocks, on TPU not below 128: Mosaic's tiles stay whole (8, 128).
+  fit = functools.partial(_fit, smallest=_TPU_MIN_BLOCK if backend == "tpu" else _MIN_BLOCK)
+  fwd_blocks = (fit(blocks.block_q, q_len), fit(blocks.block_k, kv_len))
+  bwd_blocks = (fit(blocks.block_q_bwd, q_len), fit(blocks.block_k_bwd, kv_len))
   # Pad once to lengths every block divides (blocks are powers of two: the largest does).
   q_pad = _round_up(q_len, max(fwd_blocks[0], bwd_blocks[0]))
   kv_pad = _round_up(kv_len, max(fwd_blocks[1], bwd_blocks[1]))
@@ -430,7 +441,7 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
       _Spec, q_pad=q_pad, kv_pad=kv_pad, kv_len=kv_len,
       scale=head_dim**-0.5 if scale is None else float(scale), causal=causal,
       window=_window(local_window_size), segmented=segment_ids is not None,
-      groups=heads // kv_heads, interpret=interpret,
+      groups=heads // kv_heads, tpu=backend == "tpu", interpret=interpret,
       compiler_params=_compiler_params(backend, head_dim, interpret))
   segments = None
   if segment_ids is not None:
@@ -442,9 +453,9 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
   return out[:, :q_len]
 
 
-def _fit(block, length):
-  """The table's block, shrunk to the smallest power of two >= 16 that covers `length`."""
-  return min(block, max(_MIN_BLOCK, pl.next_power_of_2(length)))
+def _fit(block, length, smallest):
+  """The table's block, shrunk to the smallest power of two >= `smallest` that covers `length`."""
+  return min(block, max(smallest, pl.next_power_of_2(length)))
 
 
 def _round_up(length, block):
@@ -479,7 +490,7 @@ def _compiler_params(backend, head_dim, interpret):
   return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
-def _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes):
+def _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes, backend):
   """Raise at trace time, naming the argument, on anything the kernels do not handle."""
   for name, x in (("query", query), ("key", key), ("value", value)):
     if x.ndim != 4:
@@ -513,3 +524,5 @@ def _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes
     blocks = dataclasses.astuple(block_sizes)
     if any(b < _MIN_BLOCK or b & (b - 1) for b in blocks):
       raise ValueError(f"block_sizes={block_sizes} must be powers of two >= {_MIN_BLOCK}")
+    if backend == "tpu" and min(blocks) < _TPU_MIN_BLOCK:
+      raise ValueError(f"block_sizes={block_sizes} must be >= {_TPU_MIN_BLOCK} on TPU")

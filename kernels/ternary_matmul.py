@@ -15,12 +15,36 @@ so byte 0 means four zeros, and a row block of `packed` holds four row blocks of
 bit plane, that meet the four quarters of x viewed as [M, 4, Kq] (a free reshape).
 
 Three implementations, one signature `(x, x_scale, packed, w_scale) -> float32 [M, N]`:
-`ternary_matmul_pallas` (a grid over (M, N) blocks, a loop over K blocks inside the kernel
-that unpacks one [block_k, block_n] tile at a time: the weights stay packed in memory),
-`ternary_matmul_reference` (pure jnp, int32, the ground truth), and the dispatch
-`ternary_matmul`: Pallas on GPU/TPU; on CPU the reference, because Pallas only interprets
-there (tests call it with `impl="interpret"`).
+`ternary_matmul_pallas` (the Pallas kernels below; weights stay packed in memory and are
+unpacked one [block_k, block_n] tile at a time inside the kernel), `ternary_matmul_reference`
+(pure jnp, int32, the ground truth) and the dispatch `ternary_matmul`: Pallas on GPU/TPU; on
+CPU the reference, because Pallas only interprets there (tests call `impl="interpret"`).
+
+Two kernel layouts, both exact (int32 accumulation; padding is zero bytes = zero weights):
+  "gpu" (Triton): grid (M / bm, N / bn); each program walks the K blocks in a loop and keeps
+    the [bm, bn] int32 accumulator in registers. Triton's grid is parallel, so K cannot be a
+    grid axis there. Blocks are powers of two >= 16 (Triton's load shapes and int8 dot tiles),
+    so decode rows (M = 1 or 8) are padded to 16.
+  "tpu" (Mosaic): grid (M / bm, N / bn, K / bk), K last and sequential ("arbitrary"); the int32
+    output block stays in VMEM across K and accumulates, so VMEM holds one K block of x and W
+    whatever K is. Blocks: bm a multiple of 32 (int8 sublane tile), bn and bk of 128.
+The dispatch pads M, N and K / 4 up to block multiples and slices the result. Padding the
+activations is cheap; padding the packed weights copies them on every call, so it happens only
+when needed: on TPU when N or K / 4 is not a multiple of 128 (TPU blocks shrink to divisors),
+on GPU when they are not multiples of the (power of two) blocks: with the default table, when
+N is not a multiple of 128 or K of 1024.
+
+Verified without an accelerator only: interpret mode (both layouts) equals the reference bit
+for bit, and `jax.export` lowers both layouts (Triton IR for CUDA, Mosaic for TPU) at decode
+and prefill sizes (tests/test_bitnet.py). Once, by hand (not a test): that Triton IR for the
+GPU table's tiles, M = 1..2048, compiled to sm_90 code with the standalone triton 3.9 wheel
+(int8 mma.sync for decode, wgmma for prefill, no register spills); XLA's own Triton may differ.
+Mosaic's compilation, running on a device, and speed are not checked. From that sm_90 code
+(an estimate, not a measurement): the decode loop spends ~3 integer instructions per weight
+unpacking, so at M = 1 the GPU kernel is likely bound by the INT pipes, not by the 8x fewer
+weight bytes; unpacking 4 weights per 32-bit op would need a GPU-specific weight order.
 """
+import dataclasses
 import functools
 
 import jax
@@ -46,7 +70,10 @@ def _check_inputs(x, x_scale, packed, w_scale):
 
 
 def unpack_plane(packed: jax.Array, plane: int) -> jax.Array:
-  """Bit plane `plane` (0..3) of packed uint8 bytes as int8 values in {-1, 0, +1}."""
+  """Bit plane `plane` (0..3) of packed bytes as int8 values in {-1, 0, +1}.
+
+  The bytes may be uint8 or int8 with the same bits: the shift drops the bits above the plane.
+  """
   shifted = packed.astype(jnp.int32) << (30 - 2 * plane)  # the plane's 2 bits on top
   return (shifted >> 30).astype(jnp.int8)  # arithmetic shift sign-extends 0b11 to -1
 
@@ -65,55 +92,173 @@ def ternary_matmul_reference(x, x_scale, packed, w_scale):
   return _rescale(acc, x_scale, w_scale)
 
 
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-  return next(d for d in range(min(n, limit), 0, -1) if n % d == 0)
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes: rows of x (bm), columns of W (bn), packed rows of W (bk = K / 4 rows)."""
+
+  block_m: int
+  block_n: int
+  block_k: int
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k: int):
-  # x_ref: [bm, 4, Kq] int8; w_ref: [Kq, bn] uint8; o_ref: [bm, bn] int32.
-  num_k = w_ref.shape[0] // block_k
+# backend -> regime -> BlockSizes; "decode" serves M <= its block_m rows, "prefill" the rest.
+# Not timed on hardware (none was available). GPU: a decode grid has 128 programs at N = 8192
+# (an H100 has 132 SMs), one per SM, so its unpacking work is spread over _GPU_WARPS warps.
+# TPU: one K step of W is 256 KiB of VMEM (double-buffered, plus ~1 MiB of int32 unpacking
+# temporaries), well inside the default scoped VMEM limit.
+# CPU (interpret mode): big tiles, since interpret cost grows with the number of tile steps.
+BLOCK_SIZES = {
+    "gpu": {"decode": BlockSizes(16, 64, 256), "prefill": BlockSizes(64, 128, 64)},
+    "tpu": {"decode": BlockSizes(32, 512, 512), "prefill": BlockSizes(256, 512, 512)},
+    "cpu": {"decode": BlockSizes(16, 256, 512), "prefill": BlockSizes(128, 256, 512)},
+}
+TARGETS = ("gpu", "tpu")
+# Warps per Triton program. ptxas for sm_90: with 4 the prefill tile spills registers and each
+# decode thread unpacks twice the bytes; with 8 neither spills (173 and 91 registers).
+_GPU_WARPS = 8
+_TPU_ALIGN = BlockSizes(32, 128, 128)  # int8 [32, 128] tiles; int32 output needs [8, 128]
 
+
+def default_block_sizes(backend: str, m: int) -> BlockSizes:
+  table = BLOCK_SIZES[backend]
+  return table["decode"] if m <= table["decode"].block_m else table["prefill"]
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _next_power_of_two(n: int) -> int:
+  return 1 << (n - 1).bit_length()
+
+
+def _fit_block(block: int, dim: int, target: str, align: int) -> int:
+  """`block` fitted to `dim`. GPU: the smallest power of two >= 16 covering `dim`, if below
+  `block`. TPU: the largest multiple of `align` up to `block` that divides `dim` rounded up to
+  `align`, so TPU pads a dim to its tile alignment only, never to a whole block."""
+  if target == "gpu":
+    return min(block, max(16, _next_power_of_two(dim)))
+  unit = min(align, block)  # below the alignment only in interpret mode (_check_blocks)
+  units = _round_up(dim, unit) // unit
+  return unit * next(d for d in range(min(units, block // unit), 0, -1) if units % d == 0)
+
+
+def _check_blocks(blocks: BlockSizes, target: str):
+  """Block rules of the backend compilers (interpret mode takes any positive blocks)."""
+  sizes = dataclasses.astuple(blocks)
+  if target == "gpu":
+    ok = all(b >= 16 and b & (b - 1) == 0 for b in sizes)
+    rule = "powers of two >= 16 (Triton)"
+  else:
+    ok = all(b % a == 0 for b, a in zip(sizes, dataclasses.astuple(_TPU_ALIGN)))
+    rule = f"multiples of {_TPU_ALIGN} (Mosaic int8 tiles)"
+  if not ok:
+    raise ValueError(f"ternary_matmul: {target} blocks must be {rule}, got {blocks}")
+
+
+def _block_product(x_ref, w_ref, rows):
+  """int32 [bm, bn] product of x_ref[:, :, rows] ([4, bm, bk] int8) and w_ref[rows, :]
+  ([bk, bn] packed bytes), unpacking one bit plane at a time."""
+  w = w_ref[rows, :]  # [bk, bn]
+  acc = jnp.dot(x_ref[0, :, rows], unpack_plane(w, 0), preferred_element_type=jnp.int32)
+  for i in range(1, 4):
+    acc += jnp.dot(x_ref[i, :, rows], unpack_plane(w, i), preferred_element_type=jnp.int32)
+  return acc
+
+
+def _gpu_kernel(x_ref, w_ref, o_ref, *, block_k: int):
+  # x_ref: [4, bm, Kq] int8; w_ref: [Kq, bn] int8; o_ref: [bm, bn] int32. The refs point into
+  # HBM: only the [block_k] slices below are loaded.
   def body(k, acc):
     rows = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
-    x = x_ref[:, :, rows]  # [bm, 4, block_k]
-    w = w_ref[rows, :]  # [block_k, bn], unpacked here one plane at a time
-    for i in range(4):
-      acc += jnp.dot(x[:, i], unpack_plane(w, i), preferred_element_type=jnp.int32)
-    return acc
+    return acc + _block_product(x_ref, w_ref, rows)
 
+  num_k = w_ref.shape[0] // block_k
   o_ref[...] = jax.lax.fori_loop(0, num_k, body, jnp.zeros(o_ref.shape, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "interpret"))
-def ternary_matmul_pallas(x, x_scale, packed, w_scale, *, block_m: int = 128,
-                          block_n: int = 256, block_k: int = 512, interpret: bool = False):
-  """The Pallas kernel; same signature and result as `ternary_matmul_reference`.
+def _tpu_kernel(x_ref, w_ref, o_ref):
+  # x_ref: [4, bm, bk] int8; w_ref: [bk, bn] int8; o_ref: [bm, bn] int32, in VMEM for all k.
+  @pl.when(pl.program_id(2) == 0)
+  def _zero():
+    o_ref[...] = jnp.zeros(o_ref.shape, jnp.int32)
 
-  Blocks larger than a dim shrink to the dim; ragged M and N edges are computed on padding
-  and dropped. `block_k` shrinks to the largest divisor of K // 4 not above it.
+  o_ref[...] += _block_product(x_ref, w_ref, slice(None))
+
+
+def _gpu_call(bm, bn, bk, m_pad, n_pad, kq_pad, interpret):
+  from jax.experimental.pallas import triton as plgpu
+  return pl.pallas_call(
+      functools.partial(_gpu_kernel, block_k=bk),
+      out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), jnp.int32),
+      grid=(m_pad // bm, n_pad // bn),
+      in_specs=[pl.BlockSpec((4, bm, kq_pad), lambda i, j: (0, i, 0)),
+                pl.BlockSpec((kq_pad, bn), lambda i, j: (0, j))],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      compiler_params=plgpu.CompilerParams(num_warps=_GPU_WARPS, num_stages=3),
+      interpret=interpret)
+
+
+def _tpu_call(bm, bn, bk, m_pad, n_pad, kq_pad, interpret):
+  from jax.experimental.pallas import tpu as pltpu
+  return pl.pallas_call(
+      _tpu_kernel,
+      out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), jnp.int32),
+      grid=(m_pad // bm, n_pad // bn, kq_pad // bk),
+      in_specs=[pl.BlockSpec((4, bm, bk), lambda i, j, k: (0, i, k)),
+                pl.BlockSpec((bk, bn), lambda i, j, k: (k, j))],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "target", "interpret"))
+def ternary_matmul_pallas(x, x_scale, packed, w_scale, *, block_sizes: BlockSizes,
+                          target: str = "gpu", interpret: bool = False):
+  """The Pallas kernel of `target` ("gpu" or "tpu" layout, see the module docstring); same
+  signature and result as `ternary_matmul_reference`.
+
+  Blocks shrink to small dims; M, N and K / 4 are zero-padded to block multiples. Interpret
+  mode runs the very blocks the device would, but does not enforce the device's block rules.
   """
   _check_inputs(x, x_scale, packed, w_scale)
-  (m, k), (kq, n) = x.shape, packed.shape
-  bm, bn = min(block_m, m), min(block_n, n)
-  bk = _largest_divisor_at_most(kq, block_k)
-  acc = pl.pallas_call(
-      functools.partial(_kernel, block_k=bk),
-      out_shape=jax.ShapeDtypeStruct((m, n), jnp.int32),
-      grid=(pl.cdiv(m, bm), pl.cdiv(n, bn)),
-      in_specs=[pl.BlockSpec((bm, 4, kq), lambda i, j: (i, 0, 0)),
-                pl.BlockSpec((kq, bn), lambda i, j: (0, j))],
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-      interpret=interpret,
-  )(x.reshape(m, 4, kq), packed)
-  return _rescale(acc, x_scale, w_scale)
+  if target not in TARGETS:
+    raise ValueError(f"ternary_matmul: target={target!r} is not one of {TARGETS}")
+  (m, _), (kq, n) = x.shape, packed.shape
+  bm, bn, bk = (_fit_block(b, d, target, a) for b, d, a in zip(
+      dataclasses.astuple(block_sizes), (m, n, kq), dataclasses.astuple(_TPU_ALIGN)))
+  if not interpret:
+    _check_blocks(BlockSizes(bm, bn, bk), target)
+  m_pad, n_pad, kq_pad = _round_up(m, bm), _round_up(n, bn), _round_up(kq, bk)
+  quarters = x.reshape(m, 4, kq).transpose(1, 0, 2)  # [4, M, Kq]: quarter i meets plane i
+  quarters = jnp.pad(quarters, ((0, 0), (0, m_pad - m), (0, kq_pad - kq)))
+  # Same bits as int8: the dtype the int8 matmul paths of Triton and Mosaic are built around.
+  weights = jax.lax.bitcast_convert_type(packed, jnp.int8)  # [Kq, N]
+  weights = jnp.pad(weights, ((0, kq_pad - kq), (0, n_pad - n)))  # a no-op at block multiples
+  call = _gpu_call if target == "gpu" else _tpu_call
+  acc = call(bm, bn, bk, m_pad, n_pad, kq_pad, interpret)(quarters, weights)  # [M_pad, N_pad]
+  return _rescale(acc[:m, :n], x_scale, w_scale)
 
 
-def ternary_matmul(x, x_scale, packed, w_scale, *, impl: str = "auto"):
-  """Dispatch: 'auto' is Pallas on GPU/TPU and the jnp reference on CPU."""
+def ternary_matmul(x, x_scale, packed, w_scale, *, impl: str = "auto",
+                   block_sizes: BlockSizes | None = None):
+  """Dispatch: 'auto' is Pallas on GPU/TPU and the jnp reference on CPU.
+
+  'pallas' compiles for the current backend (GPU or TPU), 'interpret' runs the same kernel
+  in Pallas' interpreter (the GPU layout on CPU). `block_sizes` overrides BLOCK_SIZES.
+  """
   if impl not in IMPLS:
     raise ValueError(f"ternary_matmul: impl={impl!r} is not one of {IMPLS}")
+  backend = jax.default_backend()
   if impl == "auto":
-    impl = "reference" if jax.default_backend() == "cpu" else "pallas"
+    impl = "reference" if backend == "cpu" else "pallas"
   if impl == "reference":
     return ternary_matmul_reference(x, x_scale, packed, w_scale)
-  return ternary_matmul_pallas(x, x_scale, packed, w_scale, interpret=impl == "interpret")
+  if impl == "pallas" and backend not in TARGETS:
+    raise ValueError(f"ternary_matmul: impl='pallas' needs a GPU or TPU, the backend is "
+                     f"{backend!r}; use impl='interpret' or 'reference'")
+  target = backend if backend in TARGETS else "gpu"
+  blocks = block_sizes or default_block_sizes(backend, x.shape[0])
+  return ternary_matmul_pallas(x, x_scale, packed, w_scale, block_sizes=blocks, target=target,
+                               interpret=impl == "interpret")

@@ -1,5 +1,6 @@
 """BitNet b1.58: the ternary matmul kernel, packing, BitLinear's STE, training, packed serving."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -10,7 +11,8 @@ import pytest
 
 from llm_research.config import base_config
 from llm_research.decode import generate
-from llm_research.kernels.ternary_matmul import (ternary_matmul, ternary_matmul_pallas,
+from llm_research.kernels.ternary_matmul import (BlockSizes, default_block_sizes,
+                                                 ternary_matmul, ternary_matmul_pallas,
                                                  ternary_matmul_reference)
 from llm_research.methods.ternary_packing import (pack_params, pack_ternary, param_bytes,
                                                   unpack_ternary)
@@ -35,10 +37,12 @@ def random_ternary(rng, shape):
 
 # ---- kernel -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("target", ["gpu", "tpu"])
 @pytest.mark.parametrize("m,k,n", [(1, 4, 1), (3, 36, 17), (16, 200, 130), (300, 104, 72)],
                          ids=["tiny", "decode-odd", "decode-16", "prefill-ragged"])
-def test_pallas_kernel_equals_integer_reference_exactly(m, k, n):
-  """Blocks (32, 64, 8) divide none of M, N, K/4 in the ragged cases: edges must be exact."""
+def test_pallas_kernel_equals_integer_reference_exactly(m, k, n, target):
+  """Blocks (32, 64, 8) divide none of M, N, K/4 in the ragged cases: the zero padding must
+  keep the result exact, for the K loop (gpu) and the K grid axis (tpu) layouts."""
   rng = np.random.default_rng(m + k + n)
   x = rng.integers(-128, 128, (m, k)).astype(np.int8)
   w = random_ternary(rng, (k, n))
@@ -46,8 +50,8 @@ def test_pallas_kernel_equals_integer_reference_exactly(m, k, n):
   packed = pack_ternary(jnp.asarray(w))
   exact = x.astype(np.int64) @ w.astype(np.int64)
   ref = ternary_matmul_reference(jnp.asarray(x), x_scale, packed, 1.0)
-  out = ternary_matmul_pallas(jnp.asarray(x), x_scale, packed, 1.0, block_m=32, block_n=64,
-                              block_k=8, interpret=True)
+  out = ternary_matmul_pallas(jnp.asarray(x), x_scale, packed, 1.0,
+                              block_sizes=BlockSizes(32, 64, 8), target=target, interpret=True)
   np.testing.assert_array_equal(np.asarray(ref), exact)
   np.testing.assert_array_equal(np.asarray(out), exact)
 
@@ -76,6 +80,51 @@ def test_kernel_rejects_bad_inputs_by_name():
     ternary_matmul(jnp.zeros((4, 8), jnp.int8), jnp.ones((3,)), packed, 1.0)
   with pytest.raises(ValueError, match="impl="):
     ternary_matmul(jnp.zeros((4, 8), jnp.int8), x_scale, packed, 1.0, impl="cuda")
+  with pytest.raises(ValueError, match="impl='pallas' needs a GPU or TPU"):
+    ternary_matmul(jnp.zeros((4, 8), jnp.int8), x_scale, packed, 1.0, impl="pallas")
+
+
+@pytest.mark.parametrize("platform,custom_call", [("cuda", "__gpu$xla.gpu.triton"),
+                                                  ("tpu", "tpu_custom_call")])
+@pytest.mark.parametrize("m,k,n", [(1, 8192, 28672), (2048, 28672, 8192)],
+                         ids=["decode", "prefill"])
+def test_kernel_lowers_for_gpu_and_tpu(monkeypatch, platform, custom_call, m, k, n):
+  """impl='pallas' lowers to one Triton (CUDA) or Mosaic (TPU) kernel at LLM sizes: block
+  shapes, dtypes and ops the backend's Pallas lowering accepts. Abstract inputs, nothing is
+  allocated; compiling the kernel IR needs the device and is not checked here."""
+  from jax import export
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if platform == "cuda" else "tpu")
+  args = (jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32),
+          jax.ShapeDtypeStruct((k // 4, n), jnp.uint8), jax.ShapeDtypeStruct((), jnp.float32))
+  exported = export.export(
+      jax.jit(lambda *a: ternary_matmul(*a, impl="pallas")), platforms=[platform],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
+  assert exported.out_avals[0].shape == (m, n)
+  assert exported.mlir_module().count(custom_call) == 1
+
+
+@pytest.mark.parametrize("target", ["gpu", "tpu"])
+@pytest.mark.parametrize("m", [3, 300], ids=["decode", "prefill"])
+def test_interpret_runs_the_device_block_table_exactly(m, target):
+  """The table's blocks for `target`, fitted and padded as on the device, in interpret mode."""
+  rng = np.random.default_rng(m)
+  x = rng.integers(-128, 128, (m, 1200)).astype(np.int8)  # K / 4 = 300: padded on both
+  w = random_ternary(rng, (1200, 200))
+  out = ternary_matmul_pallas(jnp.asarray(x), jnp.ones((m,)), pack_ternary(jnp.asarray(w)), 1.0,
+                              block_sizes=default_block_sizes(target, m), target=target,
+                              interpret=True)
+  np.testing.assert_array_equal(np.asarray(out), x.astype(np.int64) @ w.astype(np.int64))
+
+
+@pytest.mark.parametrize("backend,blocks,rule", [
+    ("gpu", BlockSizes(16, 96, 64), "powers of two >= 16"),
+    ("tpu", BlockSizes(16, 128, 128), "multiples of")])
+def test_block_sizes_are_checked_against_the_backend_rules(monkeypatch, backend, blocks, rule):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  args = (jax.ShapeDtypeStruct((4, 8192), jnp.int8), jax.ShapeDtypeStruct((4,), jnp.float32),
+          jax.ShapeDtypeStruct((2048, 1024), jnp.uint8), 1.0)
+  with pytest.raises(ValueError, match=f"{backend} blocks must be {rule}"):
+    jax.eval_shape(functools.partial(ternary_matmul, impl="pallas", block_sizes=blocks), *args)
 
 
 # ---- packing ----------------------------------------------------------------------------------

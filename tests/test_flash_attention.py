@@ -1,5 +1,7 @@
-"""The Pallas flash-attention kernel (interpret mode on CPU) against its pure-jnp reference.
+"""The Pallas flash-attention kernels (interpret mode on CPU) against their pure-jnp reference.
 
+Both layouts: the Triton-layout kernels (GPU, and CPU by default) and, through
+`tpu_flash_attention`, the Mosaic-layout kernels the dispatch picks on TPU.
 Forward and all three gradients on fresh random inputs of awkward shapes. Error is
 max|kernel - reference| / max(max|reference|, 1) per output; bounds per dtype: float32 kernel against
 the float32 reference within F32_BOUND (measured ~1e-6), bfloat16 kernel against the float32
@@ -7,12 +9,14 @@ reference on the same bfloat16 inputs within BF16_BOUND (measured ~5e-3).
 """
 import functools
 import itertools
+from unittest import mock
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from llm_research.config import base_config
 from llm_research.kernels.flash_attention import (BlockSizes, flash_attention,
@@ -22,6 +26,14 @@ from llm_research.train import TrainState, learning_rate_schedule, make_optimize
 
 F32_BOUND = 1e-5
 BF16_BOUND = 3e-2
+
+
+def tpu_flash_attention(*args, interpret=True, **kwargs):
+  """flash_attention as dispatched on TPU (kernels/flash_attention_tpu.py), in interpret mode.
+  The dispatch reads jax.default_backend() when traced; a function of its own keeps jit's cache
+  apart from flash_attention's."""
+  with mock.patch.object(jax, "default_backend", lambda: "tpu"):
+    return flash_attention(*args, interpret=interpret, **kwargs)
 
 
 def random_inputs(seed, batch, heads, kv_heads, length, head_dim, kv_length=None,
@@ -60,11 +72,12 @@ def relative_errors(got, want):
 
 
 def check_against_reference(seed, batch, heads, kv_heads, length, head_dim, *, causal,
-                            segmented, window=None, blocks=None, dtype=jnp.float32, bound):
+                            segmented, window=None, blocks=None, dtype=jnp.float32, bound,
+                            attention=flash_attention):
   q, k, v, dout = random_inputs(seed, batch, heads, kv_heads, length, head_dim, dtype=dtype)
   segment_ids = packed_segment_ids(seed, batch, length) if segmented else None
-  got = output_and_grads(flash_attention, q, k, v, dout, segment_ids, causal=causal,
-                         window=window, blocks=blocks)
+  got = output_and_grads(attention, q, k, v, dout, segment_ids, causal=causal, window=window,
+                         blocks=blocks)
   f32 = lambda x: x.astype(jnp.float32)
   want = output_and_grads(flash_attention_reference, f32(q), f32(k), f32(v), dout, segment_ids,
                           causal=causal, window=window)
@@ -91,6 +104,15 @@ def test_float32_matches_reference(batch, heads, kv_heads, length, head_dim, cau
                           causal=causal, segmented=segmented, bound=F32_BOUND)
 
 
+@pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim,causal,segmented", CASES[:3])
+def test_tpu_layout_float32_matches_reference(batch, heads, kv_heads, length, head_dim, causal,
+                                              segmented):
+  """Lengths 1, 17, 130, GQA ratios 1, 2, 8 (head_dim changes only the block shapes)."""
+  check_against_reference(length + head_dim, batch, heads, kv_heads, length, head_dim,
+                          causal=causal, segmented=segmented, bound=F32_BOUND,
+                          attention=tpu_flash_attention)
+
+
 @pytest.mark.parametrize("window,causal", [((33, 0), True), (20, False)])
 def test_sliding_window_with_small_blocks_matches_reference(window, causal):
   """Many 16/32 blocks: the kernels skip blocks outside the causal band and the window."""
@@ -98,18 +120,28 @@ def test_sliding_window_with_small_blocks_matches_reference(window, causal):
                           blocks=BlockSizes(32, 16, 16, 32), bound=F32_BOUND)
 
 
+def test_tpu_layout_sliding_window_matches_reference():
+  """Three 128 blocks (TPU blocks are >= 128): the TPU kernels skip the blocks outside
+  the causal band and the window, their index maps clamped to the visible ones. In Pallas' TPU
+  interpreter, where uninitialised scratch reads NaN and out-of-bounds reads raise."""
+  check_against_reference(6, 1, 4, 1, 300, 64, causal=True, segmented=True, window=(40, 3),
+                          bound=F32_BOUND, attention=functools.partial(
+                              tpu_flash_attention, interpret=pltpu.InterpretParams()))
+
+
 def test_bfloat16_matches_float32_reference():
   check_against_reference(7, 1, 4, 2, 130, 128, causal=True, segmented=True,
                           dtype=jnp.bfloat16, bound=BF16_BOUND)
 
 
-def test_rows_with_nothing_to_attend_give_zeros_not_nan():
+@pytest.mark.parametrize("attention", [flash_attention, tpu_flash_attention],
+                         ids=["triton_layout", "tpu_layout"])
+def test_rows_with_nothing_to_attend_give_zeros_not_nan(attention):
   """Query segment 9 has no key: its outputs and its query gradients are exactly zero."""
   q, k, v, dout = random_inputs(3, 1, 2, 1, 17, 64, kv_length=40)
   q_ids = jnp.array([[1] * 8 + [9] * 9])
   kv_ids = jnp.array([[1] * 20 + [2] * 20])
-  got = output_and_grads(flash_attention, q, k, v, dout, (q_ids, kv_ids), causal=False,
-                         window=None)
+  got = output_and_grads(attention, q, k, v, dout, (q_ids, kv_ids), causal=False, window=None)
   out, dq = got[0], got[1]
   assert all(np.all(np.isfinite(x)) for x in got)
   np.testing.assert_array_equal(out[:, 8:], 0.0)
@@ -146,6 +178,14 @@ def test_bad_inputs_raise_naming_the_argument(shapes, kwargs, message):
   q, k, v = (jax.ShapeDtypeStruct(s, dtype) for s in shapes)
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(functools.partial(flash_attention, **kwargs), q, k, v)
+
+
+def test_tpu_blocks_must_be_at_least_128():
+  q = jax.ShapeDtypeStruct((1, 8, 4, 64), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, 8, 2, 64), jnp.float32)
+  blocks = BlockSizes(128, 64, 128, 128)
+  with pytest.raises(ValueError, match=">= 128 on TPU"):
+    jax.eval_shape(functools.partial(tpu_flash_attention, block_sizes=blocks), q, kv, kv)
 
 
 def test_training_with_pallas_attention_matches_xla():
@@ -215,3 +255,27 @@ def test_kernels_lower_to_triton_for_gpu(monkeypatch):
                                q, kv, kv, q, segment_ids)
   module = exported.mlir_module()
   assert module.count(triton) == 3  # forward, dq, dk/dv
+
+
+def test_kernels_lower_to_mosaic_for_tpu(monkeypatch):
+  """On TPU the dispatch picks the Mosaic kernels, which lower through Pallas' Mosaic lowering
+  (block shapes Mosaic accepts, ops it has rules for). Mosaic's own compilation (layouts, LLO)
+  happens in libtpu and needs a TPU: not checked here."""
+  from jax import export
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  q = jax.ShapeDtypeStruct((1, 1000, 8, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
+  segment_ids = jax.ShapeDtypeStruct((1, 1000), jnp.int32)
+
+  def forward_and_backward(q, k, v, dout, segment_ids):
+    f = functools.partial(flash_attention, causal=True, segment_ids=segment_ids,
+                          local_window_size=(256, 0))
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(dout)
+
+  exported = export.export(jax.jit(forward_and_backward), platforms=["tpu"])(
+      q, kv, kv, q, segment_ids)
+  module = exported.mlir_module()
+  assert module.count("@tpu_custom_call") == 3  # forward, dq, dk/dv
+  for kernel in ("forward", "dq", "dkv"):
+    assert f"flash_attention_{kernel}_tpu" in module
