@@ -2,7 +2,7 @@
 
 An experiment is a Python file whose `get_config()` returns an ml_collections ConfigDict built
 from `base_config()`. The base config is locked: a key it does not define, set in an experiment
-or on the command line, is an error that names it.
+or on the command line, is an error that names it (`ConfigError`).
 """
 import ast
 import copy
@@ -12,6 +12,11 @@ import os
 from typing import Iterable
 
 import ml_collections
+
+
+class ConfigError(ValueError):
+  """Input a user can fix, with a message that names it: a config key or value, the mesh for
+  these devices, the data, the workdir. The command-line tools print it as one line."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,12 +66,12 @@ def base_config() -> ml_collections.ConfigDict:
 def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """Runs `get_config()` from a Python file, then applies `key=value` overrides."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
+    raise ConfigError(f"config file {path!r} does not exist")
   spec = importlib.util.spec_from_file_location("_experiment_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} defines no get_config()")
+    raise ConfigError(f"config file {path!r} defines no get_config()")
   return with_overrides(module.get_config(), overrides)
 
 
@@ -78,7 +83,7 @@ def with_overrides(config: ml_collections.ConfigDict,
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:
-      raise ValueError(f"override {item!r} is not of the form key=value")
+      raise ConfigError(f"override {item!r} is not of the form key=value")
     set_key(config, key, value)
   return config
 
@@ -92,7 +97,7 @@ def set_key(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> No
       keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
       hint = difflib.get_close_matches(name, keys, n=1)
       where = ".".join(path) or "the config"
-      raise KeyError(f"unknown config key {dotted_key!r}: {where} has no {name!r}"
+      raise ConfigError(f"unknown config key {dotted_key!r}: {where} has no {name!r}"
                      + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     if name != leaf:
       node = node[name]
@@ -106,15 +111,15 @@ def _parse(text: str, current, key: str):
       return True
     if text.lower() in ("false", "0", "no"):
       return False
-    raise ValueError(f"config key {key!r} takes true/false, got {text!r}")
+    raise ConfigError(f"config key {key!r} takes true/false, got {text!r}")
   if isinstance(current, str):
     return text
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    raise ValueError(f"config key {key!r}: cannot parse {text!r}") from None
+    raise ConfigError(f"config key {key!r}: cannot parse {text!r}") from None
   if isinstance(current, float) and isinstance(value, int):
     return float(value)
   if current is not None and not isinstance(value, type(current)):
-    raise ValueError(f"config key {key!r} takes {type(current).__name__} values, got {text!r}")
+    raise ConfigError(f"config key {key!r} takes {type(current).__name__} values, got {text!r}")
   return value

@@ -51,9 +51,17 @@ def initialize_distributed(args) -> None:
 def main(argv=None) -> dict:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   try:
+    return run(args, overrides)
+  except config_lib.ConfigError as error:  # bad input: one line, no traceback
+    sys.exit(f"error: {error}")
+
+
+def run(args, overrides) -> dict:
+  """Trains (or resumes) the run; the final eval metrics."""
+  try:
     config = config_lib.load_config(args.config, overrides)
-  except (KeyError, ValueError, FileNotFoundError, AttributeError) as error:
-    sys.exit(f"error: {error.args[0] if error.args else error}")
+  except AttributeError as error:  # get_config() set a key the locked base config lacks
+    raise config_lib.ConfigError(f"{args.config}: {error}") from None
   initialize_distributed(args)
 
   from llm_research import sample, train  # after distributed init
@@ -72,6 +80,7 @@ def main(argv=None) -> dict:
                                  [config.sample.prompt])[0]
       print(f"sample:\n{config.sample.prompt}{text}")
   return final
+
 
 if __name__ == "__main__":
   main()

@@ -14,13 +14,14 @@ import ml_collections
 
 from llm_research import data, decode, train
 from llm_research.checkpoints import Checkpointer
+from llm_research.config import ConfigError
 
 
 def load_run(workdir: str):
   """(config, tokenizer, trainer, params, step) of the newest good checkpoint in `workdir`."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{workdir!r} holds no run: {config_path} does not exist")
+    raise ConfigError(f"{workdir!r} holds no run: {config_path} does not exist")
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   tokenizer = data.get_tokenizer(config.data)
@@ -29,7 +30,7 @@ def load_run(workdir: str):
   state, step = checkpointer.restore_latest(trainer.abstract_state())
   checkpointer.close()
   if state is None:
-    raise FileNotFoundError(f"{workdir!r} has no checkpoint to sample from")
+    raise ConfigError(f"{workdir!r} has no checkpoint to sample from")
   return config, tokenizer, trainer, state.params, step
 
 
@@ -58,7 +59,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     config, tokenizer, trainer, params, step = load_run(args.workdir)
-  except FileNotFoundError as error:
+  except ConfigError as error:
     sys.exit(f"error: {error}")
   prompts = args.prompt or [config.sample.prompt]
   texts = sample_texts(config, tokenizer, trainer.model_config, params, prompts,

@@ -13,6 +13,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llm_research.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")
 
@@ -22,15 +24,15 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   sizes = [int(mesh_config[a]) for a in MESH_AXES]
   described = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh ({described}): sizes must be positive, with at most one -1")
+    raise ConfigError(f"mesh ({described}): sizes must be positive, with at most one -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"mesh ({described}) does not fit {num_devices} devices: "
+      raise ConfigError(f"mesh ({described}) does not fit {num_devices} devices: "
                        f"{num_devices} is not divisible by {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh ({described}) needs {math.prod(sizes)} devices, "
+    raise ConfigError(f"mesh ({described}) needs {math.prod(sizes)} devices, "
                      f"but there are {num_devices}")
   return tuple(sizes)
 
@@ -86,7 +88,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "") -> None
   """`what` names the batch in the error (default: train.batch_size=<global_batch_size>)."""
   ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if global_batch_size % ways or global_batch_size % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
         f"{what or f'train.batch_size={global_batch_size}'} cannot be split over the data axes "
         f"(data x fsdp = {ways} ways) and {jax.process_count()} processes: "
         "choose a multiple of both")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from llm_research import data, sharding
 from llm_research.checkpoints import Checkpointer
+from llm_research.config import ConfigError
 from llm_research.metrics import (MetricsWriter, peak_flops_per_device,
                                   training_flops_per_token)
 from llm_research.models import Transformer, TransformerConfig
@@ -51,7 +52,7 @@ def learning_rate_schedule(tc) -> optax.Schedule:
         [optax.constant_schedule(tc.learning_rate),
          optax.cosine_decay_schedule(final, max(tc.steps - tc.steps // 2, 1))], [half])
   else:
-    raise ValueError(f"train.schedule={tc.schedule!r} is not 'cosine', 'linear' or 'two_stage'")
+    raise ConfigError(f"train.schedule={tc.schedule!r} is not 'cosine', 'linear' or 'two_stage'")
   warmup = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
   return optax.join_schedules([warmup, decay], [tc.warmup_steps])
 
@@ -132,6 +133,21 @@ def eval_step(params, batch, *, model):
   return nll, count
 
 
+def checked_mesh(config) -> jax.sharding.Mesh:
+  """The run's mesh; refuses a batch or micro-batch its data axes cannot split evenly."""
+  tc = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(tc.batch_size, mesh)
+  if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
+    raise ConfigError(f"train.grad_accum={tc.grad_accum} must divide "
+                      f"train.batch_size={tc.batch_size}")
+  sharding.check_batch_size(
+      tc.batch_size // tc.grad_accum, mesh,
+      what=f"the micro-batch of train.batch_size={tc.batch_size} / "
+           f"train.grad_accum={tc.grad_accum} = {tc.batch_size // tc.grad_accum} rows")
+  return mesh
+
+
 class Trainer:
   """Everything a run needs, built from its config: model, mesh, optimizer, compiled steps."""
 
@@ -141,16 +157,8 @@ class Trainer:
     self.tokenizer = tokenizer
     self.model_config = model_config_from(config, tokenizer.vocab_size)
     self.model = Transformer(self.model_config)
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = checked_mesh(config)
     self.rules = sharding.rules_from_config(config)
-    sharding.check_batch_size(tc.batch_size, self.mesh)
-    if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
-      raise ValueError(f"train.grad_accum={tc.grad_accum} must divide "
-                       f"train.batch_size={tc.batch_size}")
-    sharding.check_batch_size(
-        tc.batch_size // tc.grad_accum, self.mesh,
-        what=f"the micro-batch of train.batch_size={tc.batch_size} / "
-             f"train.grad_accum={tc.grad_accum} = {tc.batch_size // tc.grad_accum} rows")
     self.optimizer = make_optimizer(tc)
     self.state_shardings = sharding.logical_shardings(
         jax.eval_shape(self._init_boxed), self.mesh, self.rules)
@@ -209,7 +217,7 @@ class Trainer:
         n, c = self._eval_step(params, sharding.shard_batch(batch, self.mesh))
         nll, count = nll + float(n), count + float(c)
     if count == 0:
-      raise ValueError(f"the {self.config.data.eval_split!r} split (data.eval_split) gave no "
+      raise ConfigError(f"the {self.config.data.eval_split!r} split (data.eval_split) gave no "
                        "tokens to evaluate on")
     return {"eval_loss": nll / count, "eval_perplexity": float(np.exp(nll / count))}
 
@@ -257,7 +265,7 @@ def check_same_shapes(config, workdir: str) -> None:
     if before is not None and before != now:
       changed.append(f"{key}: {before!r} there, {now!r} here")
   if changed:
-    raise ValueError(f"workdir {workdir!r} holds a run with other shapes ({'; '.join(changed)}): "
+    raise ConfigError(f"workdir {workdir!r} holds a run with other shapes ({'; '.join(changed)}): "
                      "use a new --workdir, or the run's own config to resume it")
 
 
@@ -271,12 +279,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   existing run's record as it was.
   """
   tc = config.train
+  check_same_shapes(config, workdir)
+  checked_mesh(config)  # before the data and tokenizer, which may take minutes to build
   tokenizer = data.get_tokenizer(config.data)
   trainer = Trainer(config, tokenizer)
   train_iter = data.make_train_iterator(
       config.data, tokenizer, global_batch_size=tc.batch_size, seed=config.data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  check_same_shapes(config, workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -105,13 +105,13 @@ def refusals(workdir: str) -> dict:
       "micro_batch_4_on_8": ["mesh.data=8", "train.batch_size=8", "train.grad_accum=2"],
   }.items():
     # Through the CLI, into a workdir that must stay as it is. Were a config not refused, the
-    # missing text_dir would fail the worker (FileNotFoundError) instead of training.
+    # missing text_dir would be refused instead, with another message.
     overrides += ["data.source=text_dir", "data.text_dir=/nonexistent"]
     try:
       cli.main(["--config", TINY_CONFIG, "--workdir", workdir,
                 *(f"--config.{o}" for o in overrides)])
-    except ValueError as error:
-      messages[name] = str(error)
+    except SystemExit as error:
+      messages[name] = error.code.removeprefix("error: ")
   return messages
 
 

@@ -1,5 +1,4 @@
 """BitNet b1.58: the ternary matmul kernel, packing, BitLinear's STE, training, packed serving."""
-import dataclasses
 import functools
 
 import flax.linen as nn

@@ -207,11 +207,11 @@ def test_tfds_source_reads_a_prepared_dataset_and_its_text_key(data_config):
 def test_missing_tfds_dataset_is_a_clear_error(data_config, tmp_path):
   tfds_config = with_fields(data_config, source="tfds", tfds_name="no_such_dataset",
                             data_dir=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="'no_such_dataset'.*no such dataset"):
+  with pytest.raises(config.ConfigError, match="'no_such_dataset'.*no such dataset"):
     pipeline.load_source(tfds_config, "train")
-  with pytest.raises(FileNotFoundError, match="'lm1b'.*not prepared"):
+  with pytest.raises(config.ConfigError, match="'lm1b'.*not prepared"):
     pipeline.load_source(with_fields(tfds_config, tfds_name="lm1b"), "train")
-  with pytest.raises(FileNotFoundError, match="data_dir does not exist"):
+  with pytest.raises(config.ConfigError, match="data_dir does not exist"):
     pipeline.load_source(with_fields(tfds_config, data_dir=str(tmp_path / "nope")), "train")
   with pytest.raises(ValueError, match="no split 'test'"):
     pipeline.load_source(data_config, "test")

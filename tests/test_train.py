@@ -266,30 +266,30 @@ def existing_run(reference_run, tmp_path):
   return workdir
 
 
-@pytest.mark.parametrize("extra, error, message", [
-    (["--config.train.stesp=3"], SystemExit,
+@pytest.mark.parametrize("extra, message", [
+    (["--config.train.stesp=3"],
      "unknown config key 'train.stesp': train has no 'stesp' (did you mean 'steps'?)"),
-    (["--config.mesh.data=3"], ValueError,
+    (["--config.mesh.data=3"],
      "mesh (data=3, fsdp=1, tensor=1, expert=1) needs 3 devices, but there are 1"),
-    (["--config.train.grad_accum=3"], ValueError,
+    (["--config.train.grad_accum=3"],
      "train.grad_accum=3 must divide train.batch_size=8"),
-    (["--config.data.source=text_dir", "--config.data.text_dir={empty_dir}"], ValueError,
+    (["--config.data.source=text_dir", "--config.data.text_dir={empty_dir}"],
      "text_dir '{empty_dir}' has no records in split 'train'"),
-    (["--config.data.source=tfds", "--config.data.tfds_name=no_such_dataset"], FileNotFoundError,
+    (["--config.data.source=tfds", "--config.data.tfds_name=no_such_dataset"],
      "TFDS dataset 'no_such_dataset' (split 'train') in data_dir '{data_dir}': no such dataset"),
-    (["--config.model.embed_dim=48"], ValueError,
+    (["--config.model.embed_dim=48"],
      "holds a run with other shapes (model.embed_dim: 32 there, 48 here)"),
 ], ids=["mistyped-key", "mesh-too-big", "grad-accum", "empty-text-dir", "missing-tfds",
         "other-shapes"])
 def test_bad_input_is_a_clear_error_and_leaves_the_workdir_alone(
-    extra, error, message, existing_run, tiny_overrides, data_dirs, tmp_path):
+    extra, message, existing_run, tiny_overrides, data_dirs, tmp_path):
   fill = dict(empty_dir=str(tmp_path / "empty"), data_dir=data_dirs[0])
   os.makedirs(fill["empty_dir"])
   before = snapshot(existing_run)
-  with pytest.raises(error) as raised:
+  with pytest.raises(SystemExit) as raised:  # one line on stderr, no traceback
     cli.main(cli_args(tiny_overrides, existing_run, *(e.format(**fill) for e in extra)))
-  text = raised.value.code if error is SystemExit else str(raised.value)
-  assert message.format(**fill) in text
+  assert raised.value.code.startswith("error: ")
+  assert message.format(**fill) in raised.value.code
   assert snapshot(existing_run) == before
 
 

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from llm_research.config import ConfigError
 from llm_research.data import stdlib_corpus
 
 if TYPE_CHECKING:
@@ -75,10 +76,10 @@ def document_text(record: dict) -> str:
 
 def _prepared_tfds(builder, name: str, data_dir: str, split: str):
   if split not in builder.info.splits:
-    raise ValueError(f"TFDS dataset {name!r} in {data_dir!r} has no split {split!r} "
+    raise ConfigError(f"TFDS dataset {name!r} in {data_dir!r} has no split {split!r} "
                      f"(it has {sorted(builder.info.splits)})")
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    raise ValueError(f"TFDS dataset {name!r} in {data_dir!r} is stored as "
+    raise ConfigError(f"TFDS dataset {name!r} in {data_dir!r} is stored as "
                      f"{builder.info.file_format.value}; grain needs it prepared with "
                      "file_format='array_record'")
   return builder.as_data_source(split)
@@ -95,16 +96,16 @@ def _tfds_source(data_config: ml_collections.ConfigDict, split: str):
   name, data_dir = data_config.tfds_name, data_config.data_dir
   where = f"TFDS dataset {name!r} (split {split!r}) in data_dir {data_dir!r}"
   if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"{where}: data_dir does not exist")
+    raise ConfigError(f"{where}: data_dir does not exist")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise FileNotFoundError(f"{where}: no such dataset") from None
+    raise ConfigError(f"{where}: no such dataset") from None
   if not builder.is_prepared():
-    raise FileNotFoundError(f"{where}: not prepared there (this pipeline never downloads)")
+    raise ConfigError(f"{where}: not prepared there (this pipeline never downloads)")
   key = data_config.text_key
   if key not in builder.info.features:
-    raise ValueError(f"{where}: no text feature {key!r} (data.text_key); it has "
+    raise ConfigError(f"{where}: no text feature {key!r} (data.text_key); it has "
                      f"{sorted(builder.info.features)}")
   source = _prepared_tfds(builder, name, data_dir, split)
   return source if key == "text" else _TextFeature(source, key)
@@ -131,19 +132,19 @@ def load_source(data_config: ml_collections.ConfigDict, split: str):
     source, what = _tfds_source(data_config, split), f"TFDS dataset {data_config.tfds_name!r}"
   elif data_config.source == "text_dir":
     if not os.path.isdir(data_config.text_dir):
-      raise FileNotFoundError(f"data.text_dir {data_config.text_dir!r} does not exist")
+      raise ConfigError(f"data.text_dir {data_config.text_dir!r} does not exist")
     source, what = TextDirSource(data_config.text_dir, split), f"text_dir {data_config.text_dir!r}"
   else:
-    raise ValueError(f"unknown data.source {data_config.source!r}: "
+    raise ConfigError(f"unknown data.source {data_config.source!r}: "
                      "use 'stdlib', 'tfds' or 'text_dir'")
   if len(source) == 0:
-    raise ValueError(f"{what} has no records in split {split!r}")
+    raise ConfigError(f"{what} has no records in split {split!r}")
   return source
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
-    raise ValueError(f"global batch size {global_batch_size} does not divide evenly over "
+    raise ConfigError(f"global batch size {global_batch_size} does not divide evenly over "
                      f"{process_count} processes")
   return global_batch_size // process_count
 
@@ -188,7 +189,7 @@ def _process_documents(data_config: ml_collections.ConfigDict, split: str, proce
   documents = grain.MapDataset.source(load_source(data_config, split))
   shard = documents[process_index::process_count]
   if len(shard) == 0:
-    raise ValueError(f"split {split!r} has {len(documents)} records: too few for "
+    raise ConfigError(f"split {split!r} has {len(documents)} records: too few for "
                      f"{process_count} processes")
   return shard
 

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import ml_collections
 import sentencepiece as spm
 
+from llm_research.config import ConfigError
 from llm_research.data import pipeline
 
 # Training input cap (characters): all of the stdlib (~30M) fits; BPE on it takes ~10 s.
@@ -115,7 +116,7 @@ def _source_name(data_config: ml_collections.ConfigDict) -> str:
   if data_config.source == "text_dir":
     path = os.path.abspath(data_config.text_dir)
     return f"text_dir_{os.path.basename(path)}_{zlib.crc32(path.encode()):08x}"
-  raise ValueError(f"unknown data.source {data_config.source!r}")
+  raise ConfigError(f"unknown data.source {data_config.source!r}")
 
 
 def get_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
@@ -123,7 +124,7 @@ def get_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
   if data_config.tokenizer == "byte":
     return ByteTokenizer()
   if data_config.tokenizer != "sentencepiece":
-    raise ValueError(
+    raise ConfigError(
         f"unknown data.tokenizer {data_config.tokenizer!r}: use 'byte' or 'sentencepiece'")
   model_path = os.path.join(data_config.cache_dir, "tokenizers",
                             f"{_source_name(data_config)}_{data_config.vocab_size}.model")

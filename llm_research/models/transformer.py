@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_research.config import ConfigError
 from llm_research.models.attention import ATTENTION_IMPLS, Attention
 from llm_research.models.bitlinear import LINEAR_IMPLS
 from llm_research.models.layers import Linear, RMSNorm, SwiGLU, constrain
@@ -44,7 +45,7 @@ class TransformerConfig:
   def __post_init__(self):
     def check(ok, msg):
       if not ok:
-        raise ValueError(f"model config: {msg}")
+        raise ConfigError(f"model config: {msg}")
     check(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
           f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
     check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for rotary")
