@@ -1,7 +1,10 @@
-"""Run records: metrics.jsonl, TensorBoard events, and the FLOP count behind MFU."""
+"""Run records: metrics.jsonl, TensorBoard events, the FLOP count behind MFU, and the timer
+the benchmarks share."""
 import json
 import math
 import os
+import statistics
+import time
 
 import jax
 from tensorboardX import SummaryWriter
@@ -77,3 +80,15 @@ def _plain(value):
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def median_seconds(fn, repeats: int) -> float:
+  """Median wall time of `fn()` over `repeats` calls, each waited for on the device, after one
+  warm-up call that absorbs compilation."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)

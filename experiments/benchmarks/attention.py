@@ -21,13 +21,13 @@ memory, not a GPU's.
 import argparse
 import datetime
 import functools
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
 from llm_research.kernels.flash_attention import flash_attention, flash_attention_reference
+from llm_research.metrics import median_seconds
 
 
 def attention_flops(batch, heads, length, head_dim, causal, backward):
@@ -68,17 +68,6 @@ def inputs(args, length, head_dim):
   keys = jax.random.split(jax.random.key(0), 4)
   return [jax.random.normal(key, shape, args.dtype) for key in keys]  # q, k, v, dout
 
-
-def median_seconds(fn, *xs, steps):
-  jax.block_until_ready(fn(*xs))
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*xs))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def speed_rows(args, backend):
   header = ["length", "head_dim", "impl", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "fwd+bwd vs ours"]
   rows = []
@@ -88,9 +77,9 @@ def speed_rows(args, backend):
       ours = None
       for name, attention in peers(backend, args.causal).items():
         try:
-          fwd = median_seconds(jax.jit(attention), q, k, v, steps=args.steps)
-          both = median_seconds(jax.jit(forward_and_backward(attention)), q, k, v, dout,
-                                steps=args.steps)
+          forward, grads = jax.jit(attention), jax.jit(forward_and_backward(attention))
+          fwd = median_seconds(lambda: forward(q, k, v), args.steps)
+          both = median_seconds(lambda: grads(q, k, v, dout), args.steps)
         except Exception as e:  # a peer that cannot run here (no cuDNN, OOM, ...) says why
           rows.append([length, head_dim, name, f"n/a: {type(e).__name__}", "", ""])
           continue

@@ -12,24 +12,12 @@ output) over its time: decode rows are bound by the weight bytes, 8x fewer for t
 overrides the kernel's BLOCK_SIZES table (BK counts packed rows, K / 4), for tuning.
 """
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from llm_research.kernels.ternary_matmul import IMPLS, BlockSizes, ternary_matmul
-
-
-def median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
+from llm_research.metrics import median_seconds
 
 def measure(rows: int, k: int, n: int, impl: str, blocks: BlockSizes | None,
             repeats: int) -> dict:

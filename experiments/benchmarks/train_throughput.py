@@ -11,7 +11,6 @@ the datasheet peak where the device kind is known (none on CPU). `--compile_dept
 step at several depths with and without scan over layers: scanned compile time should stay flat.
 """
 import argparse
-import statistics
 import time
 
 import jax
@@ -19,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_research import config as config_lib
-from llm_research.metrics import peak_flops_per_device, training_flops_per_token
+from llm_research.metrics import (median_seconds, peak_flops_per_device,
+                                  training_flops_per_token)
 from llm_research.train import Trainer
 
 # LLaMA-shaped sizes (SwiGLU mlp ~ 8/3 embed, vocab 32k).
@@ -46,22 +46,11 @@ def synthetic_batch(config, seed=0):
           "segment_ids": np.ones((rows, length), np.int32),
           "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()}
 
-
-def median_seconds(fn, steps: int) -> float:
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def matmul_flops_per_s(size: int, dtype) -> float:
   """The peer: a large square matmul's FLOP/s on this device, in the compute dtype."""
   a = jax.random.normal(jax.random.key(1), (size, size), dtype)
   b = jax.random.normal(jax.random.key(2), (size, size), dtype)
   matmul = jax.jit(jnp.dot)
-  jax.block_until_ready(matmul(a, b))
   return 2 * size**3 / median_seconds(lambda: matmul(a, b), 5)
 
 
