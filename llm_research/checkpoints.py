@@ -1,6 +1,7 @@
-"""Orbax checkpoints of the train state together with the data iterator's position.
+"""Orbax checkpoints: a training run's (train state and the data iterator's position), and an
+inference run's (params alone, `save_params` / `restore_params`).
 
-A checkpoint that cannot be restored (corrupt or partial) is refused with a message, moved aside
+A training checkpoint that cannot be restored (corrupt or partial) is refused with a message, moved aside
 to `<workdir>/corrupt_checkpoints/<step>` (`<step>.1`, `<step>.2`, ... if the same step was
 refused before; nothing is deleted) and the previous one is used.
 """
@@ -11,6 +12,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from etils import epath
+
+from llm_research.config import ConfigError
 
 
 class Checkpointer:
@@ -56,9 +59,8 @@ class Checkpointer:
       if not target.exists():
         break
       target = self.workdir / "corrupt_checkpoints" / f"{step}.{n}"
-    logging.error("checkpoint at step %d is corrupt or partial and is refused (%s: %s); "
-                  "moved to %s, trying the previous one", step, type(error).__name__,
-                  str(error).splitlines()[0][:300] if str(error) else "", target)
+    logging.error("checkpoint at step %d is corrupt or partial and is refused (%s); "
+                  "moved to %s, trying the previous one", step, _describe(error), target)
     print(f"refusing corrupt checkpoint at step {step} ({type(error).__name__}); "
           f"moved to {target}; falling back to the previous checkpoint", flush=True)
     if jax.process_index() == 0:
@@ -73,3 +75,41 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _params_manager(workdir: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints",
+                               item_names=("params",))
+
+
+def save_params(workdir: str, step: int, params) -> None:
+  """Writes `params` alone (no optimizer state, no data position) as `workdir`'s checkpoint
+  `step`, and waits until it is on disk."""
+  manager = _params_manager(workdir)
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def restore_params(workdir: str, abstract_params):
+  """(params, step) of `workdir`'s newest params checkpoint, shaped like `abstract_params`."""
+  manager = _params_manager(workdir)
+  step = manager.latest_step()
+  if step is None:
+    manager.close()
+    raise ConfigError(f"{workdir!r} has no params checkpoint")
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params)))
+  except Exception as error:  # orbax raises many types for a damaged checkpoint
+    raise ConfigError(f"{workdir!r}: the params checkpoint at step {step} cannot be restored "
+                      f"({_describe(error)})") from None
+  finally:
+    manager.close()
+  return restored.params, step
+
+
+def _describe(error: Exception) -> str:
+  """'Type: first line of the message' (orbax's messages can run to pages)."""
+  lines = str(error).splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"

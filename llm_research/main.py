@@ -71,12 +71,12 @@ def run(args, overrides) -> dict:
         f"processes: {jax.process_count()}")
   final = train.train_and_evaluate(config, args.workdir)
   if jax.process_count() == 1 and "eval_loss" in final:  # multi-host: use llm_research.sample
-    _, tokenizer, trainer, params, step = sample.load_run(args.workdir)
+    _, tokenizer, model_config, params, step = sample.load_run(args.workdir)
     baseline = train.unigram_baseline(config, tokenizer)
     print(f"step {step}: validation loss {final['eval_loss']:.3f} nats/token; "
           f"unigram baseline {baseline:.3f}")
     if config.sample.max_new_tokens > 0:
-      text = sample.sample_texts(config, tokenizer, trainer.model_config, params,
+      text = sample.sample_texts(config, tokenizer, model_config, params,
                                  [config.sample.prompt])[0]
       print(f"sample:\n{config.sample.prompt}{text}")
   return final

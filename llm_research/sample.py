@@ -13,25 +13,31 @@ import jax
 import ml_collections
 
 from llm_research import data, decode, train
-from llm_research.checkpoints import Checkpointer
+from llm_research.checkpoints import Checkpointer, restore_params
 from llm_research.config import ConfigError
+from llm_research.methods.ternary_packing import abstract_params
 
 
 def load_run(workdir: str):
-  """(config, tokenizer, trainer, params, step) of the newest good checkpoint in `workdir`."""
+  """(config, tokenizer, model_config, params, step) of the newest good checkpoint in
+  `workdir`: a training run, or an inference run written by `llm_research.pack`."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise ConfigError(f"{workdir!r} holds no run: {config_path} does not exist")
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   tokenizer = data.get_tokenizer(config.data)
+  if config.model.linear_impl == "ternary_packed":  # written by llm_research.pack
+    model_config = train.model_config_from(config, tokenizer.vocab_size)
+    params, step = restore_params(workdir, abstract_params(model_config))
+    return config, tokenizer, model_config, params, step
   trainer = train.Trainer(config, tokenizer)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
   state, step = checkpointer.restore_latest(trainer.abstract_state())
   checkpointer.close()
   if state is None:
     raise ConfigError(f"{workdir!r} has no checkpoint to sample from")
-  return config, tokenizer, trainer, state.params, step
+  return config, tokenizer, trainer.model_config, state.params, step
 
 
 def sample_texts(config, tokenizer, model_config, params, prompts, **overrides) -> list[str]:
@@ -58,11 +64,11 @@ def main(argv=None):
   parser.add_argument("--seed", type=int)
   args = parser.parse_args(argv)
   try:
-    config, tokenizer, trainer, params, step = load_run(args.workdir)
+    config, tokenizer, model_config, params, step = load_run(args.workdir)
   except ConfigError as error:
     sys.exit(f"error: {error}")
   prompts = args.prompt or [config.sample.prompt]
-  texts = sample_texts(config, tokenizer, trainer.model_config, params, prompts,
+  texts = sample_texts(config, tokenizer, model_config, params, prompts,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
   for prompt, text in zip(prompts, texts):

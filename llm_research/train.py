@@ -153,6 +153,9 @@ class Trainer:
 
   def __init__(self, config, tokenizer):
     tc = config.train
+    if config.model.linear_impl == "ternary_packed":
+      raise ConfigError("model.linear_impl='ternary_packed' is for inference: train with "
+                        "'bitnet', then pack the run (python -m llm_research.pack)")
     self.config = config
     self.tokenizer = tokenizer
     self.model_config = model_config_from(config, tokenizer.vocab_size)

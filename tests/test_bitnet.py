@@ -1,5 +1,8 @@
 """BitNet b1.58: the ternary matmul kernel, packing, BitLinear's STE, training, packed serving."""
+import dataclasses
 import functools
+import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -8,6 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import TINY_CONFIG
+from llm_research import main as train_cli
+from llm_research import pack, sample
 from llm_research.config import base_config
 from llm_research.decode import generate
 from llm_research.kernels.ternary_matmul import (BlockSizes, default_block_sizes,
@@ -277,3 +283,38 @@ def test_generation_from_packed_model_equals_fake_quant_greedy(trained):
   served = generate(packed_cfg, packed, prompts, max_new_tokens=8)
   assert served == fake
   assert fake[0][:3] == [20, 25, 30]  # the model learned the +5 stream
+
+
+# ---- packing a run on disk, serving it from the command line ----------------------------------
+
+def test_pack_cli_writes_an_inference_run_that_the_sample_cli_serves(tiny_overrides, tmp_path,
+                                                                     capsys):
+  run, out = str(tmp_path / "bitnet_run"), str(tmp_path / "packed_run")
+  train_cli.main(["--config", TINY_CONFIG, "--workdir", run,
+                  *(f"--config.{o}" for o in tiny_overrides),
+                  "--config.model.linear_impl=bitnet", "--config.train.steps=3"])
+  assert pack.main(["--workdir", run, "--out", out]) == 3
+  _, tokenizer, cfg, params, step = sample.load_run(run)
+  _, _, packed_cfg, packed, packed_step = sample.load_run(out)
+  assert (packed_cfg.linear_impl, packed_step, step) == ("ternary_packed", 3, 3)
+  assert packed_cfg == dataclasses.replace(cfg, linear_impl="ternary_packed")
+  assert param_bytes(packed) < param_bytes(params) / 2  # float32 latents -> 2 bits
+  tokens = jnp.array([[tokenizer.bos_id] + tokenizer.encode("def main():\n    return 0")])
+  np.testing.assert_allclose(Transformer(packed_cfg).apply({"params": packed}, tokens),
+                             Transformer(cfg).apply({"params": params}, tokens), atol=1e-4)
+  capsys.readouterr()
+  texts = sample.main(["--workdir", out, "--prompt", "def ", "--temperature", "0"])
+  assert f"--- step 3, prompt 'def ' ---\ndef {texts[0]}" in capsys.readouterr().out
+
+  # Bad input: one clear line each.
+  with pytest.raises(SystemExit, match=f"error: --out '{out}' is not empty"):
+    pack.main(["--workdir", run, "--out", out])
+  with pytest.raises(SystemExit, match="linear_impl='ternary_packed'; only a 'bitnet' run"):
+    pack.main(["--workdir", out, "--out", str(tmp_path / "twice")])
+  with pytest.raises(SystemExit, match="'ternary_packed' is for inference: train with 'bitnet'"):
+    train_cli.main(["--config", TINY_CONFIG, "--workdir", str(tmp_path / "train_packed"),
+                    *(f"--config.{o}" for o in tiny_overrides),
+                    "--config.model.linear_impl=ternary_packed"])
+  shutil.rmtree(os.path.join(out, "checkpoints", "3", "params"))
+  with pytest.raises(SystemExit, match="the params checkpoint at step 3 cannot be restored"):
+    sample.main(["--workdir", out])

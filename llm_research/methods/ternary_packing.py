@@ -50,9 +50,13 @@ def pack_params(config: TransformerConfig, params) -> tuple[TransformerConfig, d
     raise ValueError(f"pack_params: config.linear_impl must be 'bitnet' (the params must "
                      f"have been trained quantization-aware), got {config.linear_impl!r}")
   packed_config = dataclasses.replace(config, linear_impl="ternary_packed")
-  target = nn.meta.unbox(jax.eval_shape(
-      Transformer(packed_config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-  return packed_config, _convert(target["params"], nn.meta.unbox(params), "params")
+  return packed_config, _convert(abstract_params(packed_config), nn.meta.unbox(params), "params")
+
+
+def abstract_params(config: TransformerConfig) -> dict:
+  """The params of `config`'s Transformer as jax.ShapeDtypeStructs (nothing is allocated)."""
+  return nn.meta.unbox(jax.eval_shape(
+      Transformer(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
 
 
 def _convert(target, source, path: str):
