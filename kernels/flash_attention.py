@@ -192,13 +192,18 @@ def _dot(a, b):
 # Forward kernel: grid (q_blocks, batch, heads)
 
 
+def _split_refs(refs, num_inputs: int, segmented: bool):
+  """A kernel's refs as (inputs, (q_seg_ref, kv_seg_ref), outputs and scratch): the two segment-id
+  refs follow the `num_inputs` inputs in a segmented call and are None otherwise."""
+  if not segmented:
+    return refs[:num_inputs], (None, None), refs[num_inputs:]
+  return refs[:num_inputs], refs[num_inputs:num_inputs + 2], refs[num_inputs + 2:]
+
+
 def _forward_kernel(*refs, spec):
-  if spec.segmented:
-    q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
-    q_seg = q_seg_ref[...]  # [block_q]
-  else:
-    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-    q_seg = None
+  (q_ref, k_ref, v_ref), (q_seg_ref, kv_seg_ref), (o_ref, lse_ref) = _split_refs(
+      refs, 3, spec.segmented)
+  q_seg = q_seg_ref[...] if spec.segmented else None  # [block_q]
   # q_ref, o_ref: [block_q, head_dim]; k_ref, v_ref: [kv_pad, head_dim]; lse_ref: [block_q]
   bq, bk = spec.block_q, spec.block_k
   q_block = pl.program_id(0)
@@ -267,12 +272,9 @@ def _probs(spec, q, k, lse, q_start, k_start, q_seg, kv_seg):
 
 
 def _dq_kernel(*refs, spec):
-  if spec.segmented:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref = refs
-    q_seg = q_seg_ref[...]
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    q_seg = None
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (q_seg_ref, kv_seg_ref), (dq_ref,) = \
+      _split_refs(refs, 6, spec.segmented)
+  q_seg = q_seg_ref[...] if spec.segmented else None
   # q_ref, do_ref, dq_ref: [block_q, d]; k_ref, v_ref: [kv_pad, d]; lse/delta_ref: [block_q]
   bq, bk = spec.block_q, spec.block_k
   q_block = pl.program_id(0)
@@ -292,13 +294,9 @@ def _dq_kernel(*refs, spec):
 
 
 def _dkv_kernel(*refs, spec):
-  if spec.segmented:
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
-     dk_ref, dv_ref) = refs
-    kv_seg = kv_seg_ref[...]
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-    kv_seg = None
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (q_seg_ref, kv_seg_ref), (dk_ref, dv_ref) = \
+      _split_refs(refs, 6, spec.segmented)
+  kv_seg = kv_seg_ref[...] if spec.segmented else None
   # q_ref, do_ref: [q_pad, groups, d]; lse_ref, delta_ref: [groups, q_pad];
   # k_ref, v_ref, dk_ref, dv_ref: [block_k, d]
   bq, bk = spec.block_q, spec.block_k

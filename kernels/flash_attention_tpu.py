@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from llm_research.kernels.flash_attention import (_MASKED, _dot, _dot_t, _kv_block_range, _mask,
-                                                  _q_block_range)
+                                                  _q_block_range, _split_refs)
 
 LANES, SUBLANES = 128, 8
 
@@ -95,11 +95,8 @@ def _query_major_specs(spec, head_dim):
 
 
 def _forward_kernel(*refs, spec):
-  if spec.segmented:
-    q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = refs
-  else:
-    q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = refs
-    q_seg_ref = kv_seg_ref = None
+  (q_ref, k_ref, v_ref), (q_seg_ref, kv_seg_ref), (o_ref, lse_ref, acc_ref, m_ref, l_ref) = \
+      _split_refs(refs, 3, spec.segmented)
   # q_ref, o_ref: [block_q, d]; k_ref, v_ref: [block_k, d]; lse_ref: [block_q, 128];
   # scratch: acc_ref [block_q, d], m_ref (running max), l_ref (running sum) [block_q, 128]
   q_block, kv_block = pl.program_id(2), pl.program_id(3)
@@ -177,12 +174,8 @@ def _probs(spec, q, k, lse, mask):
 
 
 def _dq_kernel(*refs, spec):
-  if spec.segmented:
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref,
-     acc_ref) = refs
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref = refs
-    q_seg_ref = kv_seg_ref = None
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (q_seg_ref, kv_seg_ref), (dq_ref, acc_ref) = \
+      _split_refs(refs, 6, spec.segmented)
   # q_ref, do_ref, dq_ref, acc_ref (scratch): [block_q, d]; k_ref, v_ref: [block_k, d];
   # lse_ref, delta_ref: [block_q, 128]
   q_block, kv_block = pl.program_id(2), pl.program_id(3)
@@ -206,12 +199,8 @@ def _dq_kernel(*refs, spec):
 
 
 def _dkv_kernel(*refs, spec):
-  if spec.segmented:
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref,
-     dk_acc_ref, dv_acc_ref) = refs
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs
-    q_seg_ref = kv_seg_ref = None
+  ((q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (q_seg_ref, kv_seg_ref),
+   (dk_ref, dv_ref, dk_acc_ref, dv_acc_ref)) = _split_refs(refs, 6, spec.segmented)
   # q_ref, do_ref: [block_q, d]; lse_ref, delta_ref: [block_q, 128];
   # k_ref, v_ref, dk_ref, dv_ref, dk_acc_ref and dv_acc_ref (scratch): [block_k, d]
   kv_block, head, q_block = pl.program_id(2), pl.program_id(3), pl.program_id(4)

@@ -234,11 +234,15 @@ def test_sweep_matches_reference(length, head_dim, kv_heads, causal, segmented):
                           causal=causal, segmented=segmented, bound=F32_BOUND)
 
 
-def test_kernels_lower_to_triton_for_gpu(monkeypatch):
-  """The GPU path (no interpret) lowers through Pallas' Triton lowering for CUDA: block shapes
-  and ops Triton accepts. Compiling the Triton IR to PTX needs a GPU and is not checked here."""
+@pytest.mark.parametrize("platform,backend,custom_call", [
+    ("cuda", "gpu", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "@tpu_custom_call")])
+def test_kernels_lower_for_gpu_and_tpu(monkeypatch, platform, backend, custom_call):
+  """Without interpret mode the dispatch lowers forward, dq and dk/dv through Pallas' Triton
+  lowering (CUDA) or, with the kernels of flash_attention_tpu.py, its Mosaic lowering (TPU):
+  block shapes and ops the backend accepts. Compiling that IR (Triton to PTX, Mosaic in libtpu)
+  needs the device and is not checked here."""
   from jax import export
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   q = jax.ShapeDtypeStruct((1, 1000, 8, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
   segment_ids = jax.ShapeDtypeStruct((1, 1000), jnp.int32)
@@ -249,33 +253,11 @@ def test_kernels_lower_to_triton_for_gpu(monkeypatch):
     out, vjp = jax.vjp(f, q, k, v)
     return out, vjp(dout)
 
-  triton = "__gpu$xla.gpu.triton"
-  exported = export.export(jax.jit(forward_and_backward), platforms=["cuda"],
-                           disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(
-                               q, kv, kv, q, segment_ids)
+  checks = [export.DisabledSafetyCheck.custom_call(custom_call)] if platform == "cuda" else []
+  exported = export.export(jax.jit(forward_and_backward), platforms=[platform],
+                           disabled_checks=checks)(q, kv, kv, q, segment_ids)
   module = exported.mlir_module()
-  assert module.count(triton) == 3  # forward, dq, dk/dv
-
-
-def test_kernels_lower_to_mosaic_for_tpu(monkeypatch):
-  """On TPU the dispatch picks the Mosaic kernels, which lower through Pallas' Mosaic lowering
-  (block shapes Mosaic accepts, ops it has rules for). Mosaic's own compilation (layouts, LLO)
-  happens in libtpu and needs a TPU: not checked here."""
-  from jax import export
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  q = jax.ShapeDtypeStruct((1, 1000, 8, 128), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
-  segment_ids = jax.ShapeDtypeStruct((1, 1000), jnp.int32)
-
-  def forward_and_backward(q, k, v, dout, segment_ids):
-    f = functools.partial(flash_attention, causal=True, segment_ids=segment_ids,
-                          local_window_size=(256, 0))
-    out, vjp = jax.vjp(f, q, k, v)
-    return out, vjp(dout)
-
-  exported = export.export(jax.jit(forward_and_backward), platforms=["tpu"])(
-      q, kv, kv, q, segment_ids)
-  module = exported.mlir_module()
-  assert module.count("@tpu_custom_call") == 3  # forward, dq, dk/dv
-  for kernel in ("forward", "dq", "dkv"):
-    assert f"flash_attention_{kernel}_tpu" in module
+  assert module.count(custom_call) == 3  # forward, dq, dk/dv
+  if platform == "tpu":
+    for kernel in ("forward", "dq", "dkv"):
+      assert f"flash_attention_{kernel}_tpu" in module
