@@ -1,9 +1,10 @@
 """Orbax checkpoints: a training run's (train state and the data iterator's position), and an
 inference run's (params alone, `save_params` / `restore_params`).
 
-A training checkpoint that cannot be restored (corrupt or partial) is refused with a message, moved aside
-to `<workdir>/corrupt_checkpoints/<step>` (`<step>.1`, `<step>.2`, ... if the same step was
-refused before; nothing is deleted) and the previous one is used.
+A training checkpoint that cannot be restored (corrupt or partial) is refused with a message,
+moved aside to `<workdir>/corrupt_checkpoints/<step>` (`<step>.1`, `<step>.2`, ... if the same
+step was refused before; nothing is deleted) and the previous one is used. A damaged params
+checkpoint is a `ConfigError` (pack the run again).
 """
 import logging
 

@@ -98,7 +98,7 @@ def set_key(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> No
       hint = difflib.get_close_matches(name, keys, n=1)
       where = ".".join(path) or "the config"
       raise ConfigError(f"unknown config key {dotted_key!r}: {where} has no {name!r}"
-                     + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+                        + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     if name != leaf:
       node = node[name]
       path.append(name)

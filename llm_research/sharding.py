@@ -29,11 +29,11 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   if -1 in sizes:
     if num_devices % known:
       raise ConfigError(f"mesh ({described}) does not fit {num_devices} devices: "
-                       f"{num_devices} is not divisible by {known}")
+                        f"{num_devices} is not divisible by {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
     raise ConfigError(f"mesh ({described}) needs {math.prod(sizes)} devices, "
-                     f"but there are {num_devices}")
+                      f"but there are {num_devices}")
   return tuple(sizes)
 
 

@@ -221,7 +221,7 @@ class Trainer:
         nll, count = nll + float(n), count + float(c)
     if count == 0:
       raise ConfigError(f"the {self.config.data.eval_split!r} split (data.eval_split) gave no "
-                       "tokens to evaluate on")
+                        "tokens to evaluate on")
     return {"eval_loss": nll / count, "eval_perplexity": float(np.exp(nll / count))}
 
 
@@ -269,7 +269,7 @@ def check_same_shapes(config, workdir: str) -> None:
       changed.append(f"{key}: {before!r} there, {now!r} here")
   if changed:
     raise ConfigError(f"workdir {workdir!r} holds a run with other shapes ({'; '.join(changed)}): "
-                     "use a new --workdir, or the run's own config to resume it")
+                      "use a new --workdir, or the run's own config to resume it")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -77,11 +77,11 @@ def document_text(record: dict) -> str:
 def _prepared_tfds(builder, name: str, data_dir: str, split: str):
   if split not in builder.info.splits:
     raise ConfigError(f"TFDS dataset {name!r} in {data_dir!r} has no split {split!r} "
-                     f"(it has {sorted(builder.info.splits)})")
+                      f"(it has {sorted(builder.info.splits)})")
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ConfigError(f"TFDS dataset {name!r} in {data_dir!r} is stored as "
-                     f"{builder.info.file_format.value}; grain needs it prepared with "
-                     "file_format='array_record'")
+                      f"{builder.info.file_format.value}; grain needs it prepared with "
+                      "file_format='array_record'")
   return builder.as_data_source(split)
 
 
@@ -106,7 +106,7 @@ def _tfds_source(data_config: ml_collections.ConfigDict, split: str):
   key = data_config.text_key
   if key not in builder.info.features:
     raise ConfigError(f"{where}: no text feature {key!r} (data.text_key); it has "
-                     f"{sorted(builder.info.features)}")
+                      f"{sorted(builder.info.features)}")
   source = _prepared_tfds(builder, name, data_dir, split)
   return source if key == "text" else _TextFeature(source, key)
 
@@ -136,7 +136,7 @@ def load_source(data_config: ml_collections.ConfigDict, split: str):
     source, what = TextDirSource(data_config.text_dir, split), f"text_dir {data_config.text_dir!r}"
   else:
     raise ConfigError(f"unknown data.source {data_config.source!r}: "
-                     "use 'stdlib', 'tfds' or 'text_dir'")
+                      "use 'stdlib', 'tfds' or 'text_dir'")
   if len(source) == 0:
     raise ConfigError(f"{what} has no records in split {split!r}")
   return source
@@ -145,7 +145,7 @@ def load_source(data_config: ml_collections.ConfigDict, split: str):
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
     raise ConfigError(f"global batch size {global_batch_size} does not divide evenly over "
-                     f"{process_count} processes")
+                      f"{process_count} processes")
   return global_batch_size // process_count
 
 
@@ -190,7 +190,7 @@ def _process_documents(data_config: ml_collections.ConfigDict, split: str, proce
   shard = documents[process_index::process_count]
   if len(shard) == 0:
     raise ConfigError(f"split {split!r} has {len(documents)} records: too few for "
-                     f"{process_count} processes")
+                      f"{process_count} processes")
   return shard
 
 
