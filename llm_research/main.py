@@ -56,12 +56,21 @@ def main(argv=None) -> dict:
     sys.exit(f"error: {error}")
 
 
+def _locked_key_message(error: AttributeError) -> str:
+  """ml_collections' message without its dump of every other field: the key and the hint."""
+  message = error.args[0] if error.args else error  # a KeyError around the text, or the text
+  message = message.args[0] if isinstance(message, KeyError) and message.args else str(message)
+  lines = message.splitlines()
+  return " ".join([lines[0].split(" Other fields present")[0]] +
+                  [line for line in lines[1:] if line.startswith("Did you mean")])
+
+
 def run(args, overrides) -> dict:
   """Trains (or resumes) the run; the final eval metrics."""
   try:
     config = config_lib.load_config(args.config, overrides)
   except AttributeError as error:  # get_config() set a key the locked base config lacks
-    raise config_lib.ConfigError(f"{args.config}: {error}") from None
+    raise config_lib.ConfigError(f"{args.config}: {_locked_key_message(error)}") from None
   initialize_distributed(args)
 
   from llm_research import sample, train  # after distributed init

@@ -293,6 +293,19 @@ def test_bad_input_is_a_clear_error_and_leaves_the_workdir_alone(
   assert snapshot(existing_run) == before
 
 
+def test_mistyped_key_in_an_experiment_file_is_one_line(tmp_path):
+  path = tmp_path / "typo.py"
+  path.write_text("from llm_research.config import base_config\n\n\ndef get_config():\n"
+                  "  config = base_config()\n  config.train.stesp = 3\n  return config\n")
+  with pytest.raises(SystemExit) as raised:
+    cli.main(["--config", str(path), "--workdir", str(tmp_path / "run")])
+  message = raised.value.code
+  assert message.startswith(f'error: {path}: Key "stesp" does not exist')
+  assert message.endswith('Did you mean "steps" instead of "stesp"?')
+  assert "Other fields" not in message and "\n" not in message
+  assert not (tmp_path / "run").exists()
+
+
 def test_sample_cli_continues_a_prompt_from_the_trained_run(reference_run, capsys):
   workdir, _ = reference_run
   texts = sample.main(["--workdir", workdir, "--prompt", "def ", "--temperature", "0"])
