@@ -114,7 +114,7 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, gr
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  metrics = {"loss": nll / count, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": nll / count, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state.step)}
   return new_state, metrics
 
