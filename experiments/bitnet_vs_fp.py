@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.methods.ternary_packing import pack_params, param_bytes
-from llm_research.models import Transformer
 from llm_research.train import model_config_from, train_and_evaluate
 
 SIZES = {
@@ -57,7 +56,7 @@ def final_eval_loss(workdir: str) -> float:
 def weight_memory(config, vocab_size: int) -> dict:
   """Bytes of the float32 params, as bf16, and packed (shapes only: random init params)."""
   cfg = model_config_from(config, vocab_size)
-  params = nn.meta.unbox(jax.jit(Transformer(cfg).init)(
+  params = nn.meta.unbox(jax.jit(cfg.make_model().init)(
       jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
   _, packed = pack_params(cfg, params)
   return dict(params=sum(x.size for x in jax.tree.leaves(params)),

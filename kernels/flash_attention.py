@@ -20,6 +20,20 @@ are powers of two >= 16); on CPU they run with `interpret=True` (the tests). Mos
 not tile that layout, so on TPU the dispatch runs the kernels of flash_attention_tpu.py instead:
 the same algorithm on head-major [batch, heads, length, head_dim] views with 2-D (8, 128)-tiled
 blocks (block lengths >= 128, short inputs padded to 128) and VMEM accumulators.
+
+Precision: float32 inputs are multiplied at the backend's default precision for float32 dots,
+that of `jnp.dot` without `precision=` and of XLA's and cuDNN's attention: TF32 on NVIDIA GPUs
+(operands rounded to a 10-bit mantissa, float32 accumulation; ~1e-3 relative error), full
+float32 on CPU. `jax.default_matmul_precision("highest")` around the call makes the GPU
+kernels' dots full float32. Softmax statistics and accumulators are float32 throughout.
+
+Remat: the forward's residuals, the output and the log-sum-exp, carry the names in
+FLASH_RESIDUAL_NAMES. A remat policy that saves them (e.g.
+`jax.checkpoint_policies.save_only_these_names(*FLASH_RESIDUAL_NAMES)`) keeps the backward
+pass from re-running the forward kernel; one that does not re-runs it.
+
+`masked_attention` is the plain-jnp attention over an explicit mask (the XLA path);
+`flash_attention_reference` is it with the kernels' masks, the ground truth of the tests.
 """
 import dataclasses
 import functools
@@ -27,17 +41,27 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
+
+from llm_research.kernels import tiling
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
-_MIN_BLOCK = 16  # Triton's smallest dot tile
+# The logit of a masked key, here and in the TPU kernels: finite (a fully masked row has
+# max == MASKED_LOGIT, and MASKED_LOGIT - MASKED_LOGIT == 0, never inf - inf), below any real
+# logit, and far enough from the float32 limit to be added to.
+MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+FLASH_RESIDUAL_NAMES = ("flash_attention_out", "flash_attention_lse")
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tile lengths along the query and key axes, forward and backward (powers of two >= 16)."""
+class AttentionBlockSizes:
+  """Tile lengths along the query and key axes, forward and backward (powers of two >= 16).
+
+  Not shared with the ternary matmul's `MatmulBlockSizes`: the two kernels tile different axes
+  (query/key lengths, twice, here; rows, columns and depth there), so each names its own.
+  """
 
   block_q: int
   block_k: int
@@ -45,15 +69,16 @@ class BlockSizes:
   block_k_bwd: int
 
 
-# backend -> head_dim -> BlockSizes. GPU: fwd tiles as in FlashAttention-2 Triton kernels, bwd
-# smaller (it holds two accumulators, dk and dv); head_dim 256 halves both. Not tuned per GPU.
+# backend -> head_dim -> AttentionBlockSizes. GPU: fwd tiles as in FlashAttention-2 Triton
+# kernels, bwd smaller (it holds two accumulators, dk and dv); head_dim 256 halves both. Not
+# tuned per GPU.
 # TPU: 128 everywhere, Mosaic's lane width; untuned (larger q blocks are likely faster).
 # CPU (interpret mode): big tiles, since interpret cost grows with the number of tile steps.
 BLOCK_SIZES = {
-    "gpu": {64: BlockSizes(128, 64, 64, 64), 128: BlockSizes(128, 64, 64, 64),
-            256: BlockSizes(64, 32, 32, 32)},
-    "tpu": {d: BlockSizes(128, 128, 128, 128) for d in SUPPORTED_HEAD_DIMS},
-    "cpu": {d: BlockSizes(128, 128, 128, 128) for d in SUPPORTED_HEAD_DIMS},
+    "gpu": {64: AttentionBlockSizes(128, 64, 64, 64), 128: AttentionBlockSizes(128, 64, 64, 64),
+            256: AttentionBlockSizes(64, 32, 32, 32)},
+    "tpu": {d: AttentionBlockSizes(128, 128, 128, 128) for d in SUPPORTED_HEAD_DIMS},
+    "cpu": {d: AttentionBlockSizes(128, 128, 128, 128) for d in SUPPORTED_HEAD_DIMS},
 }
 _TPU_MIN_BLOCK = 128  # TPU blocks: multiples of Mosaic's lane width
 
@@ -78,34 +103,78 @@ class _Spec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference
+# Plain-jnp attention and the reference
 
 
-def flash_attention_reference(query, key, value, *, causal=False, segment_ids=None,
-                              local_window_size=None, scale=None):
-  """Same signature and semantics as `flash_attention`, in plain jnp with float32 softmax.
+def masked_attention(query, key, value, mask, *, scale=None):
+  """Softmax attention over an explicit mask, in plain jnp: the XLA attention path.
 
-  Materialises the [q_len, kv_len] logits: for tests and as the XLA peer in benchmarks.
+  Args:
+    query: [batch, q_len, heads, head_dim].
+    key, value: [batch, kv_len, kv_heads, head_dim]; kv_heads divides heads, query head `h`
+      reads kv head `h // (heads // kv_heads)` (K and V are never repeated in memory).
+    mask: bool, broadcastable to [batch, q_len, kv_len]; True = attend.
+    scale: logit scale, default head_dim ** -0.5.
+
+  Returns [batch, q_len, heads, head_dim] in query's dtype. Logits and softmax are float32; a
+  row with nothing to attend to gives zeros, never NaN. The [q_len, kv_len] logits are
+  materialised, but the backward pass keeps only the probabilities, in value's dtype (see
+  `_masked_softmax`): no float32 [q_len, kv_len] array outlives the forward pass.
   """
   batch, q_len, heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
   scale = head_dim**-0.5 if scale is None else scale
   q = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32) * scale
-  q_seg, kv_seg = _split_segment_ids(segment_ids)
-  mask = _mask(jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], causal,
-               _window(local_window_size), None)  # [q_len, kv_len] or None
-  mask = True if mask is None else mask[None]
-  if q_seg is not None:
-    mask = mask & (q_seg[:, :, None] == kv_seg[:, None, :])  # [batch, q_len, kv_len]
-  mask = jnp.broadcast_to(mask, (batch, q_len, kv_len))[:, None, None]
-  logits = jnp.where(mask, logits, _MASKED)
+  mask = jnp.broadcast_to(mask, (batch, q_len, kv_len))[:, None, None]  # [batch, 1, 1, t, s]
+  probs = _masked_softmax(logits, mask, value.dtype)  # [batch, kv_heads, groups, t, s]
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, value, preferred_element_type=jnp.float32)
+  return out.reshape(batch, q_len, heads, head_dim).astype(query.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _masked_softmax(logits, mask, dtype):
+  """float32 logits [..., kv_len] -> softmax over the keys where `mask`, 0 elsewhere (all 0 in
+  a row without any), in `dtype`.
+
+  Autodiff of this formula would keep float32 arrays of the logits' shape (the exponentials,
+  the float32 probabilities) for the backward pass; the custom VJP keeps only the `dtype`
+  probabilities p, enough for the softmax gradient d_logits = p * (dp - sum(p * dp)). Masked
+  keys have p == 0 and so get no gradient.
+  """
+  return _masked_softmax_fwd(logits, mask, dtype)[0]
+
+
+def _masked_softmax_fwd(logits, mask, dtype):
+  logits = jnp.where(mask, logits, MASKED_LOGIT)
   probs = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
   denom = probs.sum(-1, keepdims=True)
-  probs = probs / jnp.where(denom == 0, 1.0, denom)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(value.dtype), value,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(batch, q_len, heads, head_dim).astype(query.dtype)
+  probs = (probs / jnp.where(denom == 0, 1.0, denom)).astype(dtype)
+  return probs, probs
+
+
+def _masked_softmax_bwd(dtype, probs, d_probs):
+  del dtype  # the cotangent of float32 logits is float32
+  p, dp = probs.astype(jnp.float32), d_probs.astype(jnp.float32)
+  return p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)), None
+
+
+_masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
+def flash_attention_reference(query, key, value, *, causal=False, segment_ids=None,
+                              local_window_size=None, scale=None):
+  """Same signature and semantics as `flash_attention`: `masked_attention` with the kernels'
+  masks. Materialises the [q_len, kv_len] logits: for tests and as the XLA peer in benchmarks.
+  """
+  q_len, kv_len = query.shape[1], key.shape[1]
+  mask = _mask(jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], causal,
+               _window(local_window_size), None)  # [q_len, kv_len], None: all visible
+  mask = True if mask is None else mask
+  q_seg, kv_seg = _split_segment_ids(segment_ids)
+  if q_seg is not None:
+    mask = mask & (q_seg[:, :, None] == kv_seg[:, None, :])  # [batch, q_len, kv_len]
+  return masked_attention(query, key, value, mask, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,18 +285,18 @@ def _forward_kernel(*refs, spec):
     kv_seg = kv_seg_ref[keys] if spec.segmented else None
     mask = _block_mask(spec, q_block * bq, kv_block * bk, bq, bk, q_seg, kv_seg)
     if mask is not None:
-      s = jnp.where(mask, s, _MASKED)
+      s = jnp.where(mask, s, MASKED_LOGIT)
     m_new = jnp.maximum(m, s.max(axis=1))
     p = jnp.exp(s - m_new[:, None])
     if mask is not None:
-      p = jnp.where(mask, p, 0.0)  # a row masked so far has m_new == _MASKED, p == 1
+      p = jnp.where(mask, p, 0.0)  # a row masked so far has m_new == MASKED_LOGIT, p == 1
     correction = jnp.exp(m - m_new)
     v = v_ref[keys, :]
     acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l * correction + p.sum(axis=1)
 
   lo, hi = _kv_block_range(spec, q_block)
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), _MASKED, jnp.float32),
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASKED_LOGIT, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
   acc, m, l = lax.fori_loop(lo, hi, step, init)
   empty = l == 0.0  # rows with nothing to attend to: output 0, p == 0 in the backward
@@ -374,11 +443,13 @@ def _backward(q, k, v, segments, out, lse, dout, spec):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _flash(q, k, v, segments, fwd_spec, bwd_spec):
-  return _kernels(fwd_spec)[0](q, k, v, segments, fwd_spec)[0]
+  return _forward_call(q, k, v, segments, fwd_spec)[0]
 
 
 def _flash_fwd(q, k, v, segments, fwd_spec, bwd_spec):
-  out, lse = _kernels(fwd_spec)[0](q, k, v, segments, fwd_spec)
+  out, lse = _forward_call(q, k, v, segments, fwd_spec)
+  # Named for remat policies: saving these two spares the backward a second forward kernel.
+  out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), FLASH_RESIDUAL_NAMES))
   return out, (q, k, v, segments, out, lse)
 
 
@@ -389,6 +460,15 @@ def _flash_bwd(fwd_spec, bwd_spec, residuals, dout):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _forward_call(q, k, v, segments, spec):
+  """The forward kernel of spec's layout -> (out, lse), under jit so that an unused call can be
+  dropped. Remat re-traces the forward for the backward pass, and when the policy saves
+  FLASH_RESIDUAL_NAMES that re-traced kernel call is dead; but Pallas' DCE rule keeps every
+  pallas_call, while a jit call with no used output and no effects is removed."""
+  return _kernels(spec)[0](q, k, v, segments, spec)
 
 
 def _kernels(spec):
@@ -416,11 +496,15 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
     local_window_size: None, an int w or a pair (left, right): query i sees keys in
       [i - left, i + right] (w means (w, w)), as in jax.nn.dot_product_attention.
     scale: logit scale, default head_dim ** -0.5.
-    block_sizes: a BlockSizes overriding the per-backend table `BLOCK_SIZES` (on TPU, >= 128).
+    block_sizes: an AttentionBlockSizes overriding the per-backend table `BLOCK_SIZES` (on
+      TPU, >= 128).
     interpret: run the Pallas kernels in interpret mode; default True on CPU.
 
   Returns [batch, q_len, heads, head_dim] in query's dtype; float32 accumulation throughout.
-  Rows that see no key are zeros. Differentiable in query, key, value (Pallas backward).
+  Float32 inputs are multiplied at the backend's default dot precision: TF32 on NVIDIA GPUs
+  (~1e-3 relative error, as XLA and cuDNN by default), full float32 on CPU (module docstring).
+  Rows that see no key are zeros. Differentiable in query, key, value (Pallas backward); the
+  residuals are named FLASH_RESIDUAL_NAMES for remat policies.
   """
   backend = jax.default_backend()
   _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes, backend)
@@ -429,12 +513,13 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
   kv_len, kv_heads = key.shape[1], key.shape[2]
   blocks = block_sizes or BLOCK_SIZES[backend if backend in ("gpu", "tpu") else "cpu"][head_dim]
   # Short inputs shrink the blocks, on TPU not below 128: Mosaic's tiles stay whole (8, 128).
-  fit = functools.partial(_fit, smallest=_TPU_MIN_BLOCK if backend == "tpu" else _MIN_BLOCK)
+  fit = functools.partial(tiling.fit_power_of_two,
+                          smallest=_TPU_MIN_BLOCK if backend == "tpu" else tiling.TRITON_MIN_BLOCK)
   fwd_blocks = (fit(blocks.block_q, q_len), fit(blocks.block_k, kv_len))
   bwd_blocks = (fit(blocks.block_q_bwd, q_len), fit(blocks.block_k_bwd, kv_len))
   # Pad once to lengths every block divides (blocks are powers of two: the largest does).
-  q_pad = _round_up(q_len, max(fwd_blocks[0], bwd_blocks[0]))
-  kv_pad = _round_up(kv_len, max(fwd_blocks[1], bwd_blocks[1]))
+  q_pad = tiling.round_up(q_len, max(fwd_blocks[0], bwd_blocks[0]))
+  kv_pad = tiling.round_up(kv_len, max(fwd_blocks[1], bwd_blocks[1]))
   spec = functools.partial(
       _Spec, q_pad=q_pad, kv_pad=kv_pad, kv_len=kv_len,
       scale=head_dim**-0.5 if scale is None else float(scale), causal=causal,
@@ -451,20 +536,9 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
   return out[:, :q_len]
 
 
-def _fit(block, length, smallest):
-  """The table's block, shrunk to the smallest power of two >= `smallest` that covers `length`."""
-  return min(block, max(smallest, pl.next_power_of_2(length)))
-
-
-def _round_up(length, block):
-  return pl.cdiv(length, block) * block
-
-
 def _pad(x, length):
-  """Zero-pad axis 1 of x to `length`."""
-  widths = [(0, 0)] * x.ndim
-  widths[1] = (0, length - x.shape[1])
-  return jnp.pad(x, widths)
+  """Zero-pad the length axis (1) of x to `length`."""
+  return tiling.pad_axis(x, 1, length)
 
 
 def _window(local_window_size):
@@ -520,7 +594,8 @@ def _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes
                      "(left, right) of non-negative ints")
   if block_sizes is not None:
     blocks = dataclasses.astuple(block_sizes)
-    if any(b < _MIN_BLOCK or b & (b - 1) for b in blocks):
-      raise ValueError(f"block_sizes={block_sizes} must be powers of two >= {_MIN_BLOCK}")
+    if not all(tiling.is_triton_block(b) for b in blocks):
+      raise ValueError(f"block_sizes={block_sizes} must be powers of two >= "
+                       f"{tiling.TRITON_MIN_BLOCK}")
     if backend == "tpu" and min(blocks) < _TPU_MIN_BLOCK:
       raise ValueError(f"block_sizes={block_sizes} must be >= {_TPU_MIN_BLOCK} on TPU")

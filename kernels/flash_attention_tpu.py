@@ -25,8 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from llm_research.kernels.flash_attention import (_MASKED, _dot, _dot_t, _kv_block_range, _mask,
-                                                  _q_block_range, _split_refs)
+from llm_research.kernels.flash_attention import (MASKED_LOGIT, _dot, _dot_t, _kv_block_range,
+                                                  _mask, _q_block_range, _split_refs)
 
 LANES, SUBLANES = 128, 8
 
@@ -105,7 +105,7 @@ def _forward_kernel(*refs, spec):
   @pl.when(kv_block == 0)
   def _init():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, MASKED_LOGIT, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
   @pl.when((lo <= kv_block) & (kv_block < hi))
@@ -113,12 +113,12 @@ def _forward_kernel(*refs, spec):
     s = _dot_t(q_ref[...], k_ref[...]) * spec.scale  # [block_q, block_k]
     mask = _tile_mask(spec, q_block, kv_block, q_seg_ref, kv_seg_ref)
     if mask is not None:
-      s = jnp.where(mask, s, _MASKED)
+      s = jnp.where(mask, s, MASKED_LOGIT)
     m, l = m_ref[:, :1], l_ref[:, :1]  # [block_q, 1]
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     p = jnp.exp(s - m_new)
     if mask is not None:
-      p = jnp.where(mask, p, 0.0)  # a row masked so far has m_new == _MASKED, p == 1
+      p = jnp.where(mask, p, 0.0)  # a row masked so far has m_new == MASKED_LOGIT, p == 1
     correction = jnp.exp(m - m_new)
     v = v_ref[...]
     acc_ref[...] = acc_ref[...] * correction + _dot(p.astype(v.dtype), v)

@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from llm_research.kernels import tiling
+
 IMPLS = ("auto", "pallas", "interpret", "reference")
 
 
@@ -78,6 +80,25 @@ def unpack_plane(packed: jax.Array, plane: int) -> jax.Array:
   return (shifted >> 30).astype(jnp.int8)  # arithmetic shift sign-extends 0b11 to -1
 
 
+def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """int8 a [M, K] @ int8 b [K, N] -> int32 [M, N], exact. Every int8 dot of the project goes
+  through here (in Triton and Mosaic kernel code K is a multiple of 16, and it is a plain dot).
+
+  The guard: on an NVIDIA H200 (jax 0.11.2, CUDA 13), XLA's int8 x int8 -> int32 dot returned
+  exactly twice the right answer when K was not a multiple of 4 (K = 9, 50 doubled; K = 36,
+  200, 4096 exact; eager and jitted; int32 operands exact). No upstream report was found
+  (jax-ml/jax and openxla/xla issues searched for wrong int8 dot results); XLA pads int8 GEMM
+  operands to multiples of 4 for cuBLAS itself, the first place we would look. Zero-padding K
+  to a multiple of 4 is exact (zeros add nothing), and a no-op where K already is one.
+  Unexplained by K alone: the interpret-mode kernel was also seen doubling at M=3, K=36, N=17,
+  whose tile dots contract over 8; not re-checked on a GPU since. tests/test_bitnet.py keeps a
+  minimal reproduction, run on every backend.
+  """
+  k_pad = tiling.round_up(a.shape[1], 4)
+  a, b = tiling.pad_axis(a, 1, k_pad), tiling.pad_axis(b, 0, k_pad)
+  return jnp.dot(a, b, preferred_element_type=jnp.int32)
+
+
 def _rescale(acc, x_scale, w_scale):
   return acc.astype(jnp.float32) * x_scale.astype(jnp.float32)[:, None] \
       * jnp.asarray(w_scale, jnp.float32)
@@ -87,49 +108,44 @@ def ternary_matmul_reference(x, x_scale, packed, w_scale):
   """x int8 [M, K], x_scale [M], packed uint8 [K // 4, N], w_scale [] -> float32 [M, N]."""
   _check_inputs(x, x_scale, packed, w_scale)
   quarters = x.reshape(x.shape[0], 4, -1)  # [M, 4, Kq]
-  acc = sum(jnp.dot(quarters[:, i], unpack_plane(packed, i), preferred_element_type=jnp.int32)
-            for i in range(4))  # [M, N] int32
+  acc = sum(int8_matmul(quarters[:, i], unpack_plane(packed, i)) for i in range(4))  # [M, N]
   return _rescale(acc, x_scale, w_scale)
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tile sizes: rows of x (bm), columns of W (bn), packed rows of W (bk = K / 4 rows)."""
+class MatmulBlockSizes:
+  """Tile sizes: rows of x (bm), columns of W (bn), packed rows of W (bk = K / 4 rows).
+
+  Not shared with flash attention's `AttentionBlockSizes`: the two kernels tile different axes
+  (rows, columns and depth here; query/key lengths, forward and backward, there).
+  """
 
   block_m: int
   block_n: int
   block_k: int
 
 
-# backend -> regime -> BlockSizes; "decode" serves M <= its block_m rows, "prefill" the rest.
+# backend -> regime -> MatmulBlockSizes; "decode" serves M <= its block_m rows, "prefill" the rest.
 # Not timed on hardware (none was available). GPU: a decode grid has 128 programs at N = 8192
 # (an H100 has 132 SMs), one per SM, so its unpacking work is spread over _GPU_WARPS warps.
 # TPU: one K step of W is 256 KiB of VMEM (double-buffered, plus ~1 MiB of int32 unpacking
 # temporaries), well inside the default scoped VMEM limit.
 # CPU (interpret mode): big tiles, since interpret cost grows with the number of tile steps.
 BLOCK_SIZES = {
-    "gpu": {"decode": BlockSizes(16, 64, 256), "prefill": BlockSizes(64, 128, 64)},
-    "tpu": {"decode": BlockSizes(32, 512, 512), "prefill": BlockSizes(256, 512, 512)},
-    "cpu": {"decode": BlockSizes(16, 256, 512), "prefill": BlockSizes(128, 256, 512)},
+    "gpu": {"decode": MatmulBlockSizes(16, 64, 256), "prefill": MatmulBlockSizes(64, 128, 64)},
+    "tpu": {"decode": MatmulBlockSizes(32, 512, 512), "prefill": MatmulBlockSizes(256, 512, 512)},
+    "cpu": {"decode": MatmulBlockSizes(16, 256, 512), "prefill": MatmulBlockSizes(128, 256, 512)},
 }
 TARGETS = ("gpu", "tpu")
 # Warps per Triton program. ptxas for sm_90: with 4 the prefill tile spills registers and each
 # decode thread unpacks twice the bytes; with 8 neither spills (173 and 91 registers).
 _GPU_WARPS = 8
-_TPU_ALIGN = BlockSizes(32, 128, 128)  # int8 [32, 128] tiles; int32 output needs [8, 128]
+_TPU_ALIGN = MatmulBlockSizes(32, 128, 128)  # int8 [32, 128] tiles; int32 output needs [8, 128]
 
 
-def default_block_sizes(backend: str, m: int) -> BlockSizes:
+def default_block_sizes(backend: str, m: int) -> MatmulBlockSizes:
   table = BLOCK_SIZES[backend]
   return table["decode"] if m <= table["decode"].block_m else table["prefill"]
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def _next_power_of_two(n: int) -> int:
-  return 1 << (n - 1).bit_length()
 
 
 def _fit_block(block: int, dim: int, target: str, align: int) -> int:
@@ -137,18 +153,18 @@ def _fit_block(block: int, dim: int, target: str, align: int) -> int:
   `block`. TPU: the largest multiple of `align` up to `block` that divides `dim` rounded up to
   `align`, so TPU pads a dim to its tile alignment only, never to a whole block."""
   if target == "gpu":
-    return min(block, max(16, _next_power_of_two(dim)))
+    return tiling.fit_power_of_two(block, dim)
   unit = min(align, block)  # below the alignment only in interpret mode (_check_blocks)
-  units = _round_up(dim, unit) // unit
+  units = tiling.round_up(dim, unit) // unit
   return unit * next(d for d in range(min(units, block // unit), 0, -1) if units % d == 0)
 
 
-def _check_blocks(blocks: BlockSizes, target: str):
+def _check_blocks(blocks: MatmulBlockSizes, target: str):
   """Block rules of the backend compilers (interpret mode takes any positive blocks)."""
   sizes = dataclasses.astuple(blocks)
   if target == "gpu":
-    ok = all(b >= 16 and b & (b - 1) == 0 for b in sizes)
-    rule = "powers of two >= 16 (Triton)"
+    ok = all(tiling.is_triton_block(b) for b in sizes)
+    rule = f"powers of two >= {tiling.TRITON_MIN_BLOCK} (Triton)"
   else:
     ok = all(b % a == 0 for b, a in zip(sizes, dataclasses.astuple(_TPU_ALIGN)))
     rule = f"multiples of {_TPU_ALIGN} (Mosaic int8 tiles)"
@@ -158,11 +174,14 @@ def _check_blocks(blocks: BlockSizes, target: str):
 
 def _block_product(x_ref, w_ref, rows):
   """int32 [bm, bn] product of x_ref[:, :, rows] ([4, bm, bk] int8) and w_ref[rows, :]
-  ([bk, bn] packed bytes), unpacking one bit plane at a time."""
+  ([bk, bn] packed bytes), unpacking one bit plane at a time.
+
+  Through `int8_matmul`: in interpret mode XLA compiles these dots, and interpret mode takes
+  any bk; compiled, bk is a multiple of 16 (Triton) or 128 (Mosaic), and it is a plain dot."""
   w = w_ref[rows, :]  # [bk, bn]
-  acc = jnp.dot(x_ref[0, :, rows], unpack_plane(w, 0), preferred_element_type=jnp.int32)
+  acc = int8_matmul(x_ref[0, :, rows], unpack_plane(w, 0))
   for i in range(1, 4):
-    acc += jnp.dot(x_ref[i, :, rows], unpack_plane(w, i), preferred_element_type=jnp.int32)
+    acc += int8_matmul(x_ref[i, :, rows], unpack_plane(w, i))
   return acc
 
 
@@ -214,7 +233,7 @@ def _tpu_call(bm, bn, bk, m_pad, n_pad, kq_pad, interpret):
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "target", "interpret"))
-def ternary_matmul_pallas(x, x_scale, packed, w_scale, *, block_sizes: BlockSizes,
+def ternary_matmul_pallas(x, x_scale, packed, w_scale, *, block_sizes: MatmulBlockSizes,
                           target: str = "gpu", interpret: bool = False):
   """The Pallas kernel of `target` ("gpu" or "tpu" layout, see the module docstring); same
   signature and result as `ternary_matmul_reference`.
@@ -229,20 +248,20 @@ def ternary_matmul_pallas(x, x_scale, packed, w_scale, *, block_sizes: BlockSize
   bm, bn, bk = (_fit_block(b, d, target, a) for b, d, a in zip(
       dataclasses.astuple(block_sizes), (m, n, kq), dataclasses.astuple(_TPU_ALIGN)))
   if not interpret:
-    _check_blocks(BlockSizes(bm, bn, bk), target)
-  m_pad, n_pad, kq_pad = _round_up(m, bm), _round_up(n, bn), _round_up(kq, bk)
+    _check_blocks(MatmulBlockSizes(bm, bn, bk), target)
+  m_pad, n_pad, kq_pad = (tiling.round_up(d, b) for d, b in ((m, bm), (n, bn), (kq, bk)))
   quarters = x.reshape(m, 4, kq).transpose(1, 0, 2)  # [4, M, Kq]: quarter i meets plane i
-  quarters = jnp.pad(quarters, ((0, 0), (0, m_pad - m), (0, kq_pad - kq)))
+  quarters = tiling.pad_axis(tiling.pad_axis(quarters, 1, m_pad), 2, kq_pad)
   # Same bits as int8: the dtype the int8 matmul paths of Triton and Mosaic are built around.
   weights = jax.lax.bitcast_convert_type(packed, jnp.int8)  # [Kq, N]
-  weights = jnp.pad(weights, ((0, kq_pad - kq), (0, n_pad - n)))  # a no-op at block multiples
+  weights = tiling.pad_axis(tiling.pad_axis(weights, 0, kq_pad), 1, n_pad)  # copies if padded
   call = _gpu_call if target == "gpu" else _tpu_call
   acc = call(bm, bn, bk, m_pad, n_pad, kq_pad, interpret)(quarters, weights)  # [M_pad, N_pad]
   return _rescale(acc[:m, :n], x_scale, w_scale)
 
 
 def ternary_matmul(x, x_scale, packed, w_scale, *, impl: str = "auto",
-                   block_sizes: BlockSizes | None = None):
+                   block_sizes: MatmulBlockSizes | None = None):
   """Dispatch: 'auto' is Pallas on GPU/TPU and the jnp reference on CPU.
 
   'pallas' compiles for the current backend (GPU or TPU), 'interpret' runs the same kernel

@@ -13,21 +13,16 @@ from typing import Iterable
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """Input a user can fix, with a message that names it: a config key or value, the mesh for
-  these devices, the data, the workdir. The command-line tools print it as one line."""
+from llm_research.errors import ConfigError
+from llm_research.models import registry
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
-  # Transformer core (llm_research.models.TransformerConfig; vocab_size comes from the tokenizer).
-  c.model = ml_collections.ConfigDict(dict(
-      num_layers=4, embed_dim=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768,
-      rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True, dtype="float32",
-      scan_layers=True, remat_policy="none", attention_impl="xla",
-      linear_impl="dense"))  # "bitnet": BitNet b1.58 projections (models/bitlinear.py)
+  # `name` picks the model in llm_research.models.registry; the other keys are the fields of the
+  # registered models' config classes, with their defaults (vocab_size comes from the tokenizer).
+  c.model = ml_collections.ConfigDict(registry.config_section())
 
   # Data (llm_research.data.pipeline documents each field).
   cache = os.path.join(os.path.expanduser("~"), ".cache", "llm_research")
@@ -41,6 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
       steps=1000, batch_size=32, grad_accum=1, learning_rate=3e-3, warmup_steps=100,
       schedule="cosine", final_lr_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.95,
       grad_clip=1.0, z_loss=0.0, seed=0,
+      trainable="",  # regex over param paths ('layers/attn/query/lora_a'): only those train
+
       log_every=10, eval_every=200, eval_batches=16,
       checkpoint_every=200, keep_checkpoints=3, async_checkpoints=True,
       peak_flops_per_device=0.0,  # 0: look it up by device kind (unknown on CPU: no MFU)
@@ -55,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
       ("embed", "fsdp"),
       ("expert", "expert"),
       ("length", None), ("head_dim", None), ("layers", None),
+      ("lora_heads", None), ("lora_rank", None),
   ]
 
   c.sample = ml_collections.ConfigDict(dict(

@@ -1,7 +1,8 @@
 """KV-cache generation: one prefill of the (right-padded) prompts, then one token per step.
 
 Prompts of different lengths share a batch: each row writes its cache slots at its own
-positions, so no left-padding or position shifting is needed.
+positions, so no left-padding or position shifting is needed. Any registered model generates
+here: `config.make_model(decode=True, cache_len=...)` (llm_research.models.registry).
 """
 import functools
 
@@ -9,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_research.models import Transformer, TransformerConfig
 
 
 def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int = 0,
@@ -32,10 +32,11 @@ def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int = 0,
   return jax.random.categorical(rng, logits, axis=-1)
 
 
-def generate(config: TransformerConfig, params, prompts: list[list[int]], *,
+def generate(config, params, prompts: list[list[int]], *,
              max_new_tokens: int, rng=None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_id: int | None = None) -> list[list[int]]:
-  """Continues each prompt (a list of token ids, at least one) by up to `max_new_tokens`.
+  """Continues each prompt (a list of token ids, at least one) by up to `max_new_tokens` with
+  the model of `config` (a registered model config) and its `params`.
 
   Returns the new tokens per prompt, cut after `eos_id` if it appears.
   """
@@ -59,9 +60,9 @@ def generate(config: TransformerConfig, params, prompts: list[list[int]], *,
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
 def _generate(config, params, tokens, lengths, rng, max_new_tokens, temperature, top_k, top_p):
   batch, prompt_len = tokens.shape
-  model = Transformer(config, decode=True, cache_len=prompt_len + max_new_tokens)
+  model = config.make_model(decode=True, cache_len=prompt_len + max_new_tokens)
   cache = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-      lambda: model.init(jax.random.key(0), tokens[:, :1])["cache"]))
+      lambda: model.init(jax.random.key(0), tokens[:, :1]).get("cache", {})))
   positions = jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape)
   logits, updates = model.apply({"params": params, "cache": cache}, tokens, positions,
                                 mutable=["cache"])

@@ -8,7 +8,6 @@ clusters are detected by `jax.distributed.initialize()`), or with an explicit
 `--coordinator_address`, `--num_processes` and `--process_id`.
 """
 import argparse
-import os
 import sys
 
 import jax
@@ -75,7 +74,6 @@ def run(args, overrides) -> dict:
 
   from llm_research import sample, train  # after distributed init
 
-  os.makedirs(args.workdir, exist_ok=True)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
         f"processes: {jax.process_count()}")
   final = train.train_and_evaluate(config, args.workdir)

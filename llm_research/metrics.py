@@ -1,5 +1,5 @@
-"""Run records: metrics.jsonl, TensorBoard events, the FLOP count behind MFU, and the timer
-the benchmarks share."""
+"""Run records: metrics.jsonl, TensorBoard events, the peak FLOP/s behind MFU (the model config
+counts its FLOPs: `flops_per_token`), and the timer the benchmarks share."""
 import json
 import math
 import os
@@ -9,30 +9,33 @@ import time
 import jax
 from tensorboardX import SummaryWriter
 
-# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor datasheets).
+# Dense bf16 peak FLOP/s per device (vendor datasheets: the with-sparsity figures halved), by
+# `jax.devices()[0].device_kind`. GPUs report the CUDA device name ("NVIDIA H100 80GB HBM3" is
+# the SXM card; "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", ... all peak at 312); TPUs
+# report "TPU v4", "TPU v4 lite" (v4i), "TPU v5 lite" (v5e), "TPU v5" (v5p), "TPU v6 lite" (v6e).
 PEAK_FLOPS = {
-    "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
-    "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v4": 275e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H100": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA A100": 312e12,
+    "TPU v4": 275e12, "TPU v4 lite": 138e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5": 459e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
 }
 
 
 def peak_flops_per_device(override: float = 0.0) -> float | None:
-  """The configured peak, else the table's for this device kind, else None (e.g. CPU)."""
+  """The configured peak, else the table's for this device kind, else None (e.g. CPU).
+
+  The most specific entry wins: the kind itself, else the longest entry the kind starts with
+  followed by a space or '-' (so "NVIDIA H100 PCIe" is not an H100 SXM, nor "TPU v5 lite" a v5p).
+  """
   if override:
     return override
   kind = jax.devices()[0].device_kind
-  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
-
-
-def training_flops_per_token(model_config, seq_len: int) -> float:
-  """6 N for the matmul weights (embedding lookup excluded, output head included) plus
-  attention: QK^T and PV are 4 * seq_len * heads * head_dim FLOPs per token per layer forward,
-  halved for the causal mask, times 3 for forward + backward."""
-  cfg = model_config
-  matmul_params = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.embed_dim
-  attention = 4 * seq_len * cfg.num_heads * cfg.head_dim * cfg.num_layers / 2
-  return 6 * matmul_params + 3 * attention
+  matches = [k for k in PEAK_FLOPS
+             if kind == k or (kind.startswith(k) and kind[len(k)] in " -")]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 class MetricsWriter:

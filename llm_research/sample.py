@@ -63,6 +63,14 @@ def main(argv=None):
   parser.add_argument("--top_p", type=float, help="1 is off")
   parser.add_argument("--seed", type=int)
   args = parser.parse_args(argv)
+  for flag, ok, what in [
+      ("max_new_tokens", lambda n: n >= 0, "must not be negative"),
+      ("temperature", lambda t: t >= 0, "must not be negative (0 is greedy)"),
+      ("top_k", lambda k: k >= 0, "must not be negative (0 is off)"),
+      ("top_p", lambda p: 0 < p <= 1, "must be in (0, 1] (1 is off)")]:
+    value = getattr(args, flag)
+    if value is not None and not ok(value):  # before the run is loaded, not a JAX traceback
+      sys.exit(f"error: --{flag}={value} {what}")
   try:
     config, tokenizer, model_config, params, step = load_run(args.workdir)
   except ConfigError as error:

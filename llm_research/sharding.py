@@ -10,13 +10,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llm_research.config import ConfigError
+from llm_research.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp")
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
@@ -58,6 +58,11 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   A dimension its mesh axes do not divide evenly (e.g. the byte tokenizer's vocab of 259 over
   tensor=2) is replicated instead: JAX cannot create arrays sharded unevenly.
   """
+  # A frozen param's optimizer slot (optax.MaskedNode, boxed like the param) holds nothing.
+  abstract_tree = jax.tree.map(
+      lambda x: x.value if isinstance(getattr(x, "value", None), optax.MaskedNode) else x,
+      abstract_tree,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
   specs = nn.get_partition_spec(abstract_tree)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   return jax.tree.map(_divisible, shardings, nn.meta.unbox(abstract_tree))
@@ -79,23 +84,30 @@ def activate(mesh: Mesh, rules):
     yield
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches split their leading dim over the data axes and replicate the rest."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def batch_axes(rules) -> tuple[str, ...]:
+  """The mesh axes the logical axis "batch" maps to under `rules`."""
+  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  return () if axes is None else axes if isinstance(axes, tuple) else (axes,)
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "") -> None:
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Batches split their leading dim over the batch axes of `rules`, and replicate the rest."""
+  return NamedSharding(mesh, PartitionSpec(batch_axes(rules)))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, rules, what: str = "") -> None:
   """`what` names the batch in the error (default: train.batch_size=<global_batch_size>)."""
-  ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  axes = batch_axes(rules)
+  ways = math.prod(mesh.shape[a] for a in axes)
   if global_batch_size % ways or global_batch_size % jax.process_count():
     raise ConfigError(
         f"{what or f'train.batch_size={global_batch_size}'} cannot be split over the data axes "
-        f"(data x fsdp = {ways} ways) and {jax.process_count()} processes: "
+        f"({' x '.join(axes) or 'none'} = {ways} ways) and {jax.process_count()} processes: "
         "choose a multiple of both")
 
 
-def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Per-process numpy rows -> global jax.Arrays sharded over the data axes."""
-  sharding = batch_sharding(mesh)
+def shard_batch(local_batch: dict, mesh: Mesh, rules) -> dict:
+  """Per-process numpy rows -> global jax.Arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}

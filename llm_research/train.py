@@ -2,9 +2,10 @@
 import functools
 import json
 import os
+import re
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -17,9 +18,9 @@ from tqdm.auto import tqdm
 from llm_research import data, sharding
 from llm_research.checkpoints import Checkpointer
 from llm_research.config import ConfigError
-from llm_research.metrics import (MetricsWriter, peak_flops_per_device,
-                                  training_flops_per_token)
-from llm_research.models import Transformer, TransformerConfig
+from llm_research.metrics import MetricsWriter, peak_flops_per_device
+from llm_research.models import registry
+from llm_research.models.stack import AUX_LOSS, collect_aux_losses
 
 
 @struct.dataclass
@@ -30,8 +31,17 @@ class TrainState:
   rng: jax.Array  # raw key data (uint32), so the checkpoint holds it like any array
 
 
-def model_config_from(config, vocab_size: int) -> TransformerConfig:
-  return TransformerConfig(vocab_size=vocab_size, **config.model.to_dict())
+class AfterStepHook(NamedTuple):
+  """`fn(state) -> state`, run inside the compiled train step after every `every`-th update
+  (when the new step is a multiple of `every`); e.g. LTE merges its adapters every T steps."""
+
+  every: int
+  fn: Callable[["TrainState"], "TrainState"]
+
+
+def model_config_from(config, vocab_size: int):
+  """The registered model config `config.model` describes (llm_research.models.registry)."""
+  return registry.model_config(config.model, vocab_size)
 
 
 def learning_rate_schedule(tc) -> optax.Schedule:
@@ -64,14 +74,35 @@ def weight_decay_schedule(tc):
   return lambda step: jnp.where(step < tc.steps // 2, tc.weight_decay, 0.0)
 
 
+def param_path(path) -> str:
+  """'layers/attn/query/kernel' from a pytree key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def trainable_mask(params, pattern: str):
+  """True for the params `train.trainable` selects: those whose path ('layers/mlp/up/lora_a')
+  matches the regular expression `pattern` (re.search); every param when it is empty."""
+  regex = re.compile(pattern) if pattern else None
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: regex is None or bool(regex.search(param_path(path))), params)
+
+
 def make_optimizer(tc) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; weight decay only on matrices (kernels, embedding)."""
+  """AdamW with global-norm clipping; weight decay only on matrices (kernels, embedding,
+  adapters). Params outside `train.trainable` are frozen: no update, no optimizer state (and
+  their gradients count in neither the clipping norm nor grad_norm)."""
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
-  return optax.chain(
+      lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding", "lora_a",
+                                                         "lora_b"), params)
+  adamw = optax.chain(
       optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0 else optax.identity(),
       optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2,
                   weight_decay=weight_decay_schedule(tc), mask=decay_mask))
+  if not tc.trainable:
+    return adamw
+  labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen",
+                                       trainable_mask(params, tc.trainable))
+  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
 
 
 def token_losses(logits, targets, weights, z_loss: float = 0.0):
@@ -84,19 +115,29 @@ def token_losses(logits, targets, weights, z_loss: float = 0.0):
 
 
 def _batch_losses(params, model, batch, z_loss):
-  logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                       batch["segment_ids"])
-  return token_losses(logits, batch["targets"], batch["segment_ids"] > 0, z_loss)
+  """(objective, sums) over one batch's tokens: sums are the NLL, the token count and, per
+  auxiliary loss the model sows, that loss times the token count (so that dividing by the
+  whole batch's count weighs micro-batches by their tokens, like the NLL)."""
+  logits, variables = model.apply(
+      {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+      mutable=[AUX_LOSS])
+  objective, nll, count = token_losses(logits, batch["targets"], batch["segment_ids"] > 0,
+                                       z_loss)
+  aux = {f"aux_loss/{name}": value * count
+         for name, value in collect_aux_losses(variables).items()}
+  return objective + sum(aux.values()), {"nll": nll, "count": count, **aux}
 
 
 def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, grad_accum: int,
-               z_loss: float):
-  """One optimizer update on a global batch, optionally in `grad_accum` micro-batches.
+               z_loss: float, trainable: str = "", hooks: tuple[AfterStepHook, ...] = ()):
+  """One optimizer update on a global batch, optionally in `grad_accum` micro-batches, then
+  the after-step hooks that are due.
 
-  The gradient is that of the mean token loss over the whole batch, however it is split.
+  The gradient is that of the mean token loss (plus the auxiliary losses) over the whole
+  batch, however it is split.
   """
   if grad_accum == 1:
-    grads, nll, count = _value_and_grads(state.params, model, batch, z_loss)
+    grads, sums = _grads_and_sums(state.params, model, batch, z_loss)
   else:
     # [batch, ...] -> [grad_accum, batch / grad_accum, ...], keeping each device's rows local.
     micro = jax.tree.map(
@@ -104,54 +145,62 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, gr
         batch)
 
     def accumulate(carry, micro_batch):
-      g, n, c = _value_and_grads(state.params, model, micro_batch, z_loss)
-      return jax.tree.map(jnp.add, carry, (g, n, c)), None
+      return jax.tree.map(jnp.add, carry,
+                          _grads_and_sums(state.params, model, micro_batch, z_loss)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-    (grads, nll, count), _ = jax.lax.scan(accumulate, zeros, micro)
-  count = jnp.maximum(count, 1.0)
-  grads = jax.tree.map(lambda g: g / count, grads)
+    shapes = jax.eval_shape(lambda b: _grads_and_sums(state.params, model, b, z_loss),
+                            jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(jnp.zeros_like, shapes)
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+  count = jnp.maximum(sums.pop("count"), 1.0)
+  # Frozen params' gradients are zeros (constants: XLA drops the work that computed them).
+  grads = jax.tree.map(lambda g, t: g / count if t else jnp.zeros_like(g), grads,
+                       trainable_mask(grads, trainable))
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  metrics = {"loss": nll / count, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(state.step)}
+  for hook in hooks:
+    new_state = jax.lax.cond(new_state.step % hook.every == 0, hook.fn, lambda s: s, new_state)
+  metrics = {"loss": sums.pop("nll") / count, "grad_norm": optax.tree.norm(grads),
+             "learning_rate": schedule(state.step), **{k: v / count for k, v in sums.items()}}
   return new_state, metrics
 
 
-def _value_and_grads(params, model, batch, z_loss):
-  """Gradient of the summed objective, with the summed NLL and token count."""
-  def objective(p):
-    total, nll, count = _batch_losses(p, model, batch, z_loss)
-    return total, (nll, count)
-  (_, (nll, count)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-  return grads, nll, count
+def _grads_and_sums(params, model, batch, z_loss):
+  """Gradient of the summed objective, with the sums `_batch_losses` gives."""
+  (_, sums), grads = jax.value_and_grad(
+      lambda p: _batch_losses(p, model, batch, z_loss), has_aux=True)(params)
+  return grads, sums
 
 
 def eval_step(params, batch, *, model):
-  _, nll, count = _batch_losses(params, model, batch, 0.0)
-  return nll, count
+  _, sums = _batch_losses(params, model, batch, 0.0)
+  return sums["nll"], sums["count"]
 
 
 def checked_mesh(config) -> jax.sharding.Mesh:
   """The run's mesh; refuses a batch or micro-batch its data axes cannot split evenly."""
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(tc.batch_size, mesh)
+  rules = sharding.rules_from_config(config)
+  sharding.check_batch_size(tc.batch_size, mesh, rules)
   if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
     raise ConfigError(f"train.grad_accum={tc.grad_accum} must divide "
                       f"train.batch_size={tc.batch_size}")
   sharding.check_batch_size(
-      tc.batch_size // tc.grad_accum, mesh,
+      tc.batch_size // tc.grad_accum, mesh, rules,
       what=f"the micro-batch of train.batch_size={tc.batch_size} / "
            f"train.grad_accum={tc.grad_accum} = {tc.batch_size // tc.grad_accum} rows")
   return mesh
 
 
 class Trainer:
-  """Everything a run needs, built from its config: model, mesh, optimizer, compiled steps."""
+  """Everything a run needs, built from its config: model, mesh, optimizer, compiled steps.
 
-  def __init__(self, config, tokenizer):
+  `hooks` (AfterStepHook) run inside the compiled step, after the updates they are due at.
+  """
+
+  def __init__(self, config, tokenizer, hooks: tuple[AfterStepHook, ...] = ()):
     tc = config.train
     if config.model.linear_impl == "ternary_packed":
       raise ConfigError("model.linear_impl='ternary_packed' is for inference: train with "
@@ -159,16 +208,16 @@ class Trainer:
     self.config = config
     self.tokenizer = tokenizer
     self.model_config = model_config_from(config, tokenizer.vocab_size)
-    self.model = Transformer(self.model_config)
+    self.model = self.model_config.make_model()
     self.mesh = checked_mesh(config)
     self.rules = sharding.rules_from_config(config)
     self.optimizer = make_optimizer(tc)
     self.state_shardings = sharding.logical_shardings(
         jax.eval_shape(self._init_boxed), self.mesh, self.rules)
-    batch_sharding = sharding.batch_sharding(self.mesh)
+    batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     step = functools.partial(train_step, model=self.model, optimizer=self.optimizer,
                              schedule=learning_rate_schedule(tc), grad_accum=tc.grad_accum,
-                             z_loss=tc.z_loss)
+                             z_loss=tc.z_loss, trainable=tc.trainable, hooks=tuple(hooks))
     self._train_step = jax.jit(step, in_shardings=(self.state_shardings, batch_sharding),
                                out_shardings=(self.state_shardings, None), donate_argnums=0)
     self._eval_step = jax.jit(functools.partial(eval_step, model=self.model),
@@ -195,7 +244,7 @@ class Trainer:
 
   def step(self, state: TrainState, local_batch: dict):
     with sharding.activate(self.mesh, self.rules):
-      return self._train_step(state, sharding.shard_batch(local_batch, self.mesh))
+      return self._train_step(state, sharding.shard_batch(local_batch, self.mesh, self.rules))
 
   def lower_step(self, state, batch):
     """The train step lowered for these (possibly abstract) arguments: `.compile()` it."""
@@ -217,7 +266,7 @@ class Trainer:
       for _ in range(num_batches):
         # Every process runs the same number of steps: one out of data feeds empty rows.
         batch = next(it, None) or empty_batch
-        n, c = self._eval_step(params, sharding.shard_batch(batch, self.mesh))
+        n, c = self._eval_step(params, sharding.shard_batch(batch, self.mesh, self.rules))
         nll, count = nll + float(n), count + float(c)
     if count == 0:
       raise ConfigError(f"the {self.config.data.eval_split!r} split (data.eval_split) gave no "
@@ -248,10 +297,11 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-# Keys that fix the shapes of a run's checkpoints: a workdir's run keeps them.
-SHAPE_KEYS = tuple(f"model.{k}" for k in (
-    "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-    "tie_embeddings", "scan_layers", "linear_impl")) + ("data.tokenizer", "data.vocab_size")
+def shape_keys(config) -> tuple[str, ...]:
+  """The keys that fix the shapes of a run's checkpoints (a workdir's run keeps them): the
+  model, its shape fields (registry.shape_field), the tokenizer."""
+  return (("model.name",) + tuple(f"model.{k}" for k in registry.shape_keys(config.model.name))
+          + ("data.tokenizer", "data.vocab_size"))
 
 
 def check_same_shapes(config, workdir: str) -> None:
@@ -262,7 +312,7 @@ def check_same_shapes(config, workdir: str) -> None:
   with open(path) as f:
     previous = json.load(f)
   changed = []
-  for key in SHAPE_KEYS:
+  for key in shape_keys(config):
     section, name = key.split(".")
     before, now = previous.get(section, {}).get(name), config[section][name]
     if before is not None and before != now:
@@ -272,7 +322,7 @@ def check_same_shapes(config, workdir: str) -> None:
                       "use a new --workdir, or the run's own config to resume it")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, hooks: tuple[AfterStepHook, ...] = ()) -> dict:
   """Trains per `config` in `workdir`, resuming from its newest good checkpoint.
 
   Returns the last logged metrics (with the final eval). Saves every `checkpoint_every` steps,
@@ -285,7 +335,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   check_same_shapes(config, workdir)
   checked_mesh(config)  # before the data and tokenizer, which may take minutes to build
   tokenizer = data.get_tokenizer(config.data)
-  trainer = Trainer(config, tokenizer)
+  trainer = Trainer(config, tokenizer, hooks)
   train_iter = data.make_train_iterator(
       config.data, tokenizer, global_batch_size=tc.batch_size, seed=config.data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -303,8 +353,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"{workdir} is already at step {start} of train.steps={tc.steps}: nothing to train")
 
   tokens_per_step = tc.batch_size * config.data.seq_len
-  flops_per_step = training_flops_per_token(trainer.model_config, config.data.seq_len) \
-      * tokens_per_step
+  flops_per_step = trainer.model_config.flops_per_token(config.data.seq_len) * tokens_per_step
   peak = peak_flops_per_device(tc.peak_flops_per_device)
   preemption = _Preemption(checkpointer)
   bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not tc.progress_bar

@@ -6,11 +6,13 @@ Imported by the test (one CPU device: the reference) and run as a subprocess on 
 
 The subprocess runs `STEPS` real train steps (`Trainer.step`: sharded init, sharded batches, the
 jitted step with its in/out shardings) under each mesh of `MESHES`, and saves per mesh the
-losses, the first step's full gradient, the final params, and how params and grads are laid
-out; plus the messages of the configs 8 devices cannot run.
+losses, the first step's full gradient, the final params, how params and grads are laid out,
+and the all-gathers in the compiled step; plus the messages of the configs 8 devices cannot
+run. The one-device side runs each model variant of `VARIANTS` that a mesh uses.
 """
 import json
 import os
+import re
 import sys
 
 import jax
@@ -20,17 +22,27 @@ import optax
 
 from llm_research import config as config_lib
 from llm_research import main as cli
-from llm_research import train
+from llm_research import sharding, train
 from llm_research.data import ByteTokenizer
 
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_config.py")
 STEPS = 3
-MESHES = {  # name -> overrides; batch_size 8 splits over data x fsdp in each
-    "data8": ["mesh.data=8"],
-    "data2_fsdp2_tensor2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
-    "fsdp4_tensor2": ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"],
-    "data4_tensor2_accum2": ["mesh.data=-1", "mesh.tensor=2", "train.grad_accum=2"],
+# Model variants (overrides of the tiny config), each run on one device as the reference. The
+# Pallas flash attention (interpret mode on CPU) takes head_dim 64 at least.
+VARIANTS = {
+    "xla": [],
+    "pallas": ["model.attention_impl=pallas", "model.head_dim=64"],
 }
+MESH_3D = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+MESHES = {  # name -> (model variant, overrides); batch_size 8 splits over data x fsdp in each
+    "data8": ("xla", ["mesh.data=8"]),
+    "data2_fsdp2_tensor2": ("xla", MESH_3D),
+    "fsdp4_tensor2": ("xla", ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]),
+    "data4_tensor2_accum2": ("xla", ["mesh.data=-1", "mesh.tensor=2", "train.grad_accum=2"]),
+    "data2_fsdp2_tensor2_pallas": ("pallas", MESH_3D),
+}
+# The XLA attention at the Pallas variant's sizes and mesh: all-gathers the kernel may not exceed.
+XLA_YARDSTICK = MESH_3D + ["model.head_dim=64"]
 # Leaves whose layout the test checks, by path.
 WATCHED = ("embedding", "layers/mlp/gate/kernel", "layers/mlp/down/kernel",
            "layers/attn/query/kernel", "layers/attn/key/kernel", "layers/attn/out/kernel",
@@ -80,6 +92,8 @@ def run(overrides=()) -> dict:
   finally:
     train.make_optimizer = make_optimizer
   state = trainer.init_state()
+  first_batch = sharding.shard_batch(next(batches(config, 1)), trainer.mesh, trainer.rules)
+  compiled = trainer.lower_step(state, first_batch).compile().as_text()
   init_layout = {name: (str(leaf.sharding.spec), leaf.addressable_shards[0].data.shape)
                  for name, leaf in flatten(state.params).items() if name in WATCHED}
   losses, grads = [], None
@@ -92,7 +106,8 @@ def run(overrides=()) -> dict:
       grads = {name: np.asarray(g) for name, g in grads.items()}
   return {"mesh": dict(trainer.mesh.shape), "losses": losses, "grads": grads,
           "params": {name: np.asarray(p) for name, p in flatten(state.params).items()},
-          "init_layout": init_layout, "grad_layout": grad_layout}
+          "init_layout": init_layout, "grad_layout": grad_layout,
+          "all_gathers": len(re.findall(r"\ball-gather(?:-start)?\(", compiled))}
 
 
 def refusals(workdir: str) -> dict:
@@ -117,8 +132,10 @@ def refusals(workdir: str) -> dict:
 
 def main(out_path: str, workdir: str):
   assert jax.device_count() == 8, jax.devices()
-  results = {name: run(overrides) for name, overrides in MESHES.items()}
-  arrays, summary = {}, {"refusals": refusals(workdir)}
+  results = {name: run(VARIANTS[variant] + overrides)
+             for name, (variant, overrides) in MESHES.items()}
+  arrays, summary = {}, {"refusals": refusals(workdir),
+                         "xla_yardstick_all_gathers": run(XLA_YARDSTICK)["all_gathers"]}
   for name, result in results.items():
     for kind in ("grads", "params"):
       for leaf, value in result.pop(kind).items():

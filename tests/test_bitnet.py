@@ -1,4 +1,8 @@
-"""BitNet b1.58: the ternary matmul kernel, packing, BitLinear's STE, training, packed serving."""
+"""BitNet b1.58: the ternary matmul kernel, packing, BitLinear's STE, training, packed serving.
+
+The kernel tests run the "gpu"-layout kernel compiled (Triton) on a GPU and in interpret mode
+elsewhere; the "tpu" layout always in interpret mode.
+"""
 import dataclasses
 import functools
 import os
@@ -16,18 +20,25 @@ from llm_research import main as train_cli
 from llm_research import pack, sample
 from llm_research.config import base_config
 from llm_research.decode import generate
-from llm_research.kernels.ternary_matmul import (BlockSizes, default_block_sizes,
-                                                 ternary_matmul, ternary_matmul_pallas,
-                                                 ternary_matmul_reference)
+from llm_research.kernels.ternary_matmul import (MatmulBlockSizes, default_block_sizes,
+                                                 int8_matmul, ternary_matmul,
+                                                 ternary_matmul_pallas, ternary_matmul_reference)
 from llm_research.methods.ternary_packing import (pack_params, pack_ternary, param_bytes,
                                                   unpack_ternary)
-from llm_research.models import Transformer, TransformerConfig
-from llm_research.models.bitlinear import quantize_activations, quantize_weights, rms_normalize
-from llm_research.models.layers import Linear
+from llm_research.models import Transformer, TransformerConfig, bitlinear
+from llm_research.models.linear import Linear
 from llm_research.train import (TrainState, learning_rate_schedule, make_optimizer,
                                 train_step, weight_decay_schedule)
 
 VOCAB = 61
+# The kernel as the dispatch runs it on this machine: compiled on a GPU, else interpreted.
+KERNEL_IMPL = "pallas" if jax.default_backend() == "gpu" else "interpret"
+
+
+def interpret_for(target):
+  """Interpret mode for the "gpu" layout except on a GPU (which runs the real Triton kernel);
+  always for the "tpu" layout, whose Mosaic kernel needs a TPU."""
+  return target == "tpu" or jax.default_backend() != "gpu"
 
 
 def tiny(**overrides) -> TransformerConfig:
@@ -42,11 +53,36 @@ def random_ternary(rng, shape):
 
 # ---- kernel -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("k", [9, 36, 50])
+def test_int8_matmul_is_exact(k):
+  """The minimal reproduction of an XLA:GPU bug (kernels/ternary_matmul.py, `int8_matmul`):
+  its int8 x int8 -> int32 dot returned exactly twice the product at K = 9 and 50. Through the
+  guard the product is exact on every backend."""
+  rng = np.random.default_rng(k)
+  a = rng.integers(-128, 128, (3, k)).astype(np.int8)
+  b = rng.integers(-128, 128, (k, 17)).astype(np.int8)
+  exact = a.astype(np.int64) @ b.astype(np.int64)
+  for matmul in (int8_matmul, jax.jit(int8_matmul)):
+    out = matmul(jnp.asarray(a), jnp.asarray(b))
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out), exact)
+
+
+def test_reference_is_exact_where_xla_doubled_it():
+  """K = 36: the reference contracts over K / 4 = 9, where the unguarded dot doubled on GPU."""
+  rng = np.random.default_rng(36)
+  x = rng.integers(-128, 128, (3, 36)).astype(np.int8)
+  w = random_ternary(rng, (36, 17))
+  out = ternary_matmul_reference(jnp.asarray(x), jnp.ones((3,)), pack_ternary(jnp.asarray(w)),
+                                 1.0)
+  np.testing.assert_array_equal(np.asarray(out), x.astype(np.int64) @ w.astype(np.int64))
+
+
 @pytest.mark.parametrize("target", ["gpu", "tpu"])
 @pytest.mark.parametrize("m,k,n", [(1, 4, 1), (3, 36, 17), (16, 200, 130), (300, 104, 72)],
                          ids=["tiny", "decode-odd", "decode-16", "prefill-ragged"])
 def test_pallas_kernel_equals_integer_reference_exactly(m, k, n, target):
-  """Blocks (32, 64, 8) divide none of M, N, K/4 in the ragged cases: the zero padding must
+  """Blocks (32, 64, 16) divide none of M, N, K/4 in the ragged cases: the zero padding must
   keep the result exact, for the K loop (gpu) and the K grid axis (tpu) layouts."""
   rng = np.random.default_rng(m + k + n)
   x = rng.integers(-128, 128, (m, k)).astype(np.int8)
@@ -56,7 +92,8 @@ def test_pallas_kernel_equals_integer_reference_exactly(m, k, n, target):
   exact = x.astype(np.int64) @ w.astype(np.int64)
   ref = ternary_matmul_reference(jnp.asarray(x), x_scale, packed, 1.0)
   out = ternary_matmul_pallas(jnp.asarray(x), x_scale, packed, 1.0,
-                              block_sizes=BlockSizes(32, 64, 8), target=target, interpret=True)
+                              block_sizes=MatmulBlockSizes(32, 64, 16), target=target,
+                              interpret=interpret_for(target))
   np.testing.assert_array_equal(np.asarray(ref), exact)
   np.testing.assert_array_equal(np.asarray(out), exact)
 
@@ -67,7 +104,7 @@ def test_kernel_applies_both_scales():
   w = random_ternary(rng, (24, 7))
   x_scale = jnp.asarray(rng.uniform(0.01, 1, 5), jnp.float32)
   out = ternary_matmul(jnp.asarray(x), x_scale, pack_ternary(jnp.asarray(w)), 0.25,
-                       impl="interpret")
+                       impl=KERNEL_IMPL)
   expected = (x.astype(np.float64) @ w) * np.asarray(x_scale)[:, None] * 0.25
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6)
 
@@ -110,20 +147,20 @@ def test_kernel_lowers_for_gpu_and_tpu(monkeypatch, platform, custom_call, m, k,
 
 @pytest.mark.parametrize("target", ["gpu", "tpu"])
 @pytest.mark.parametrize("m", [3, 300], ids=["decode", "prefill"])
-def test_interpret_runs_the_device_block_table_exactly(m, target):
-  """The table's blocks for `target`, fitted and padded as on the device, in interpret mode."""
+def test_device_block_table_is_exact(m, target):
+  """The table's blocks for `target`, fitted and padded as on the device."""
   rng = np.random.default_rng(m)
   x = rng.integers(-128, 128, (m, 1200)).astype(np.int8)  # K / 4 = 300: padded on both
   w = random_ternary(rng, (1200, 200))
   out = ternary_matmul_pallas(jnp.asarray(x), jnp.ones((m,)), pack_ternary(jnp.asarray(w)), 1.0,
                               block_sizes=default_block_sizes(target, m), target=target,
-                              interpret=True)
+                              interpret=interpret_for(target))
   np.testing.assert_array_equal(np.asarray(out), x.astype(np.int64) @ w.astype(np.int64))
 
 
 @pytest.mark.parametrize("backend,blocks,rule", [
-    ("gpu", BlockSizes(16, 96, 64), "powers of two >= 16"),
-    ("tpu", BlockSizes(16, 128, 128), "multiples of")])
+    ("gpu", MatmulBlockSizes(16, 96, 64), "powers of two >= 16"),
+    ("tpu", MatmulBlockSizes(16, 128, 128), "multiples of")])
 def test_block_sizes_are_checked_against_the_backend_rules(monkeypatch, backend, blocks, rule):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   args = (jax.ShapeDtypeStruct((4, 8192), jnp.int8), jax.ShapeDtypeStruct((4,), jnp.float32),
@@ -174,40 +211,91 @@ def test_packed_model_computes_the_fake_quantized_model(overrides):
                        jax.tree_util.keystr(path)]
   assert param_bytes(kernels(packed)) < param_bytes(kernels(params)) / 15
   tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, VOCAB)
-  fake = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)
-  served = jax.jit(Transformer(packed_cfg).apply)({"params": packed}, tokens)
+  with jax.default_matmul_precision("highest"):  # the fake-quantized dots in float32, not TF32
+    fake = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)
+    served = jax.jit(Transformer(packed_cfg).apply)({"params": packed}, tokens)
+  np.testing.assert_allclose(served, fake, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_model_through_the_kernel_computes_the_fake_quantized_model(monkeypatch):
+  """As above, with every projection of the packed model through the Pallas kernel (compiled on
+  a GPU, interpreted elsewhere) instead of the CPU dispatch's jnp reference."""
+  cfg = tiny()
+  params = init_params(cfg)
+  packed_cfg, packed = pack_params(cfg, params)
+  calls = []
+
+  def kernel(*args, **kwargs):
+    calls.append(args[0].shape)  # x [M, K], counted as the model is traced
+    return ternary_matmul(*args, impl=KERNEL_IMPL, **kwargs)
+
+  monkeypatch.setattr(bitlinear, "ternary_matmul", kernel)
+  tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, VOCAB)
+  with jax.default_matmul_precision("highest"):  # the fake-quantized dots in float32, not TF32
+    served = jax.jit(Transformer(packed_cfg).apply)({"params": packed}, tokens)
+    fake = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)
+  assert calls, "the packed model did not call the kernel"
   np.testing.assert_allclose(served, fake, atol=1e-4, rtol=1e-4)
 
 
 # ---- BitLinear --------------------------------------------------------------------------------
 
+def rms_norm(x):
+  """The parameter-free RMSNorm over the last axis (eps 1e-6, as BitLinear's)."""
+  return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6)
+
+
+def rms_norm_vjp(x, g):
+  """d/dx <g, rms_norm(x)>: with r = sqrt(mean(x^2) + eps) over the n features,
+  g / r - x * sum(g * x) / (n * r^3)."""
+  r = np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6)
+  return g / r - x * np.sum(g * x, axis=-1, keepdims=True) / (x.shape[-1] * r**3)
+
+
+def absmax_int8(x):
+  """The paper's activation quantizer, per token (row): round(x * 127 / max|x|), dequantized."""
+  absmax = np.max(np.abs(x), axis=-1, keepdims=True)
+  return np.clip(np.round(x * 127 / absmax), -128, 127) * absmax / 127
+
+
+def absmean_ternary(w):
+  """The paper's weight quantizer, per tensor: round(W / mean|W|) clipped to [-1, 1],
+  dequantized."""
+  gamma = np.mean(np.abs(w))
+  return np.clip(np.round(w / gamma), -1, 1) * gamma
+
+
 @pytest.mark.parametrize("in_axes,features,out_axes", [
     (("embed",), (12,), ("mlp",)), (("heads", "head_dim"), (8,), ("embed",))])
-def test_bitlinear_gradients_are_straight_through(in_axes, features, out_axes):
-  """With y = BitLinear(x; W) and a cotangent c on y:
-  dL/dW == d/dW~ <c, Q_a(norm(x)) . W~> at W~ = Q_w(W): the dense gradient at the quantized
-    operands, i.e. Q_w's STE;
-  dL/dx == d/dx <c, norm(x) . Q_w(W)>: Q_a is the identity backwards, the norm is not."""
+def test_bitlinear_forward_and_straight_through_gradients_follow_the_paper(in_axes, features,
+                                                                           out_axes):
+  """BitNet b1.58 written out here in numpy, independently of bitlinear.py, on x and W
+  flattened to [tokens, K] and [K, N]: y = Q_a(norm(x)) Q_w(W), with Q_a per-token absmax to
+  int8 and Q_w per-tensor absmean to {-1, 0, +1}. With a cotangent c on y and straight-through
+  estimators (each quantizer the identity backwards):
+    dL/dW = Q_a(norm(x))^T c            (the dense gradient at the quantized activations)
+    dL/dx = norm'(x)^T (c Q_w(W)^T)     (through the norm, not through Q_a)."""
   x = jax.random.normal(jax.random.key(0), (2, 3, 4, 8) if len(in_axes) == 2 else (2, 3, 16))
   layer = Linear(features, in_axes, out_axes, impl="bitnet")
   params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
-  y = jax.eval_shape(layer.apply, {"params": params}, x)
-  c = jax.random.normal(jax.random.key(2), y.shape)
-  n_in = len(in_axes)
-  contract = ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
-  dense = lambda a, w: jnp.sum(jax.lax.dot_general(a, w, contract) * c)
+  with jax.default_matmul_precision("highest"):  # float32 dots, not a GPU's TF32
+    y = jax.jit(layer.apply)({"params": params}, x)
+    c = jax.random.normal(jax.random.key(2), y.shape)
+    grad_w, grad_x = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x) * c),
+                                      argnums=(0, 1)))(params, x)
 
-  grad_w, grad_x = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x) * c),
-                                    argnums=(0, 1)))(params, x)
-  kernel = nn.meta.unbox(params)["kernel"]
-  q, x_scale = quantize_activations(rms_normalize(x, n_in), n_in)
-  t, w_scale = quantize_weights(kernel)
-  expected_w = jax.grad(dense, argnums=1)(q * x_scale, t * w_scale)
-  expected_x = jax.grad(lambda x: dense(rms_normalize(x, n_in), t * w_scale))(x)
-  np.testing.assert_allclose(nn.meta.unbox(grad_w)["kernel"], expected_w, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(grad_x, expected_x, rtol=1e-5, atol=1e-6)
-  assert set(np.unique(np.asarray(t))) <= {-1.0, 0.0, 1.0}
-  assert np.abs(np.asarray(q)).max() <= 127
+  kernel = np.asarray(nn.meta.unbox(params)["kernel"], np.float64)
+  n_in = len(in_axes)
+  x2 = np.asarray(x, np.float64).reshape(-1, int(np.prod(x.shape[-n_in:])))  # [tokens, K]
+  w2 = kernel.reshape(x2.shape[1], -1)  # [K, N]
+  c2 = np.asarray(c, np.float64).reshape(x2.shape[0], -1)  # [tokens, N]
+  a = absmax_int8(rms_norm(x2))
+  np.testing.assert_allclose(np.asarray(y).reshape(c2.shape), a @ absmean_ternary(w2),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nn.meta.unbox(grad_w)["kernel"], (a.T @ c2).reshape(kernel.shape),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_x, rms_norm_vjp(x2, c2 @ absmean_ternary(w2).T).reshape(
+      x.shape), rtol=1e-5, atol=1e-5)
 
 
 def test_bitnet_keeps_dense_param_names_shapes_and_axes():

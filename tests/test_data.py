@@ -32,7 +32,7 @@ def with_fields(data_config, **fields):
 
 @pytest.fixture(scope="module")
 def sentencepiece(data_config):
-  return tokenizers.get_tokenizer(with_fields(data_config, tokenizer="sentencepiece"))
+  return pipeline.get_tokenizer(with_fields(data_config, tokenizer="sentencepiece"))
 
 
 def documents(data_config, split):
@@ -72,7 +72,7 @@ def test_sentencepiece_is_cached_after_first_use(data_config, sentencepiece):
   sp_config = with_fields(data_config, tokenizer="sentencepiece")
   model_path = os.path.join(data_config.cache_dir, "tokenizers", "stdlib_tiny_512.model")
   modified = os.path.getmtime(model_path)
-  reloaded = tokenizers.get_tokenizer(sp_config)
+  reloaded = pipeline.get_tokenizer(sp_config)
   assert os.path.getmtime(model_path) == modified
   assert reloaded.encode(UNICODE_TEXT) == sentencepiece.encode(UNICODE_TEXT)
 

@@ -1,11 +1,11 @@
-"""The Pallas flash-attention kernels (interpret mode on CPU) against their pure-jnp reference.
+"""The Pallas flash-attention kernels against their pure-jnp reference; `masked_attention`.
 
-Both layouts: the Triton-layout kernels (GPU, and CPU by default) and, through
-`tpu_flash_attention`, the Mosaic-layout kernels the dispatch picks on TPU.
-Forward and all three gradients on fresh random inputs of awkward shapes. Error is
-max|kernel - reference| / max(max|reference|, 1) per output; bounds per dtype: float32 kernel against
-the float32 reference within F32_BOUND (measured ~1e-6), bfloat16 kernel against the float32
-reference on the same bfloat16 inputs within BF16_BOUND (measured ~5e-3).
+Both layouts: the Triton-layout kernels (compiled on a GPU, interpret mode on CPU) and, through
+`tpu_flash_attention`, the Mosaic-layout kernels the dispatch picks on TPU (interpret mode).
+Forward and all three gradients on fresh random inputs of awkward shapes, against the reference
+at full float32 precision (`reference_output_and_grads`). Error is
+max|kernel - reference| / max(max|reference|, 1) per output, within F32_BOUND for float32
+inputs and BF16_BOUND for bfloat16 ones (the reference then runs on the same values in float32).
 """
 import functools
 import itertools
@@ -17,15 +17,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.extend import core as jax_core
 
 from llm_research.config import base_config
-from llm_research.kernels.flash_attention import (BlockSizes, flash_attention,
-                                                  flash_attention_reference)
+from llm_research.kernels.flash_attention import (FLASH_RESIDUAL_NAMES, AttentionBlockSizes,
+                                                  flash_attention, flash_attention_reference,
+                                                  masked_attention)
 from llm_research.models import Transformer, TransformerConfig
 from llm_research.train import TrainState, learning_rate_schedule, make_optimizer, train_step
 
-F32_BOUND = 1e-5
+# The kernels' float32 dots run at the backend's default precision (kernel module docstring).
+# CPU: float32, measured ~1e-6. GPU: TF32, each operand rounded to a 10-bit mantissa, i.e. a
+# relative error up to 2^-11 (4.9e-4) per operand; a backward value chains up to three dots, so
+# the bound is 8 such units, ~3.9e-3 (the H200 measured 2e-4 to 4e-4, against a TF32
+# reference). TPU (not measured): its default float32 dot is one bfloat16 pass, so BF16_BOUND.
+# bfloat16 inputs: measured ~5e-3 on CPU.
 BF16_BOUND = 3e-2
+F32_BOUND = {"cpu": 1e-5, "gpu": 8 * 2**-11}.get(jax.default_backend(), BF16_BOUND)
 
 
 def tpu_flash_attention(*args, interpret=True, **kwargs):
@@ -64,6 +72,13 @@ def output_and_grads(attention, q, k, v, dout, segment_ids, *, causal, window, b
   return tuple(x.astype(jnp.float32) for x in (out, *vjp(dout.astype(out.dtype))))
 
 
+def reference_output_and_grads(*args, **kwargs):
+  """output_and_grads of flash_attention_reference with full float32 dots (never TF32): the
+  bounds are errors against the exact attention, whatever the backend's default precision."""
+  with jax.default_matmul_precision("highest"):
+    return output_and_grads(flash_attention_reference, *args, **kwargs)
+
+
 def relative_errors(got, want):
   """max|got - want| / max|want| per pair (denominator at least 1: an exactly-zero reference
   gradient, e.g. dq at length 1, bounds the absolute error instead)."""
@@ -79,8 +94,8 @@ def check_against_reference(seed, batch, heads, kv_heads, length, head_dim, *, c
   got = output_and_grads(attention, q, k, v, dout, segment_ids, causal=causal, window=window,
                          blocks=blocks)
   f32 = lambda x: x.astype(jnp.float32)
-  want = output_and_grads(flash_attention_reference, f32(q), f32(k), f32(v), dout, segment_ids,
-                          causal=causal, window=window)
+  want = reference_output_and_grads(f32(q), f32(k), f32(v), dout, segment_ids, causal=causal,
+                                    window=window)
   for name, error in zip(("out", "dq", "dk", "dv"), relative_errors(got, want)):
     assert error < bound, f"{name}: relative error {error:.2e} >= {bound:.0e}"
   for x in got:
@@ -117,7 +132,7 @@ def test_tpu_layout_float32_matches_reference(batch, heads, kv_heads, length, he
 def test_sliding_window_with_small_blocks_matches_reference(window, causal):
   """Many 16/32 blocks: the kernels skip blocks outside the causal band and the window."""
   check_against_reference(5, 1, 4, 2, 130, 64, causal=causal, segmented=True, window=window,
-                          blocks=BlockSizes(32, 16, 16, 32), bound=F32_BOUND)
+                          blocks=AttentionBlockSizes(32, 16, 16, 32), bound=F32_BOUND)
 
 
 def test_tpu_layout_sliding_window_matches_reference():
@@ -146,17 +161,95 @@ def test_rows_with_nothing_to_attend_give_zeros_not_nan(attention):
   assert all(np.all(np.isfinite(x)) for x in got)
   np.testing.assert_array_equal(out[:, 8:], 0.0)
   np.testing.assert_array_equal(dq[:, 8:], 0.0)
-  want = output_and_grads(flash_attention_reference, q, k, v, dout, (q_ids, kv_ids),
-                          causal=False, window=None)
+  want = reference_output_and_grads(q, k, v, dout, (q_ids, kv_ids), causal=False, window=None)
+  np.testing.assert_array_equal(want[0][:, 8:], 0.0)
   assert max(relative_errors(got, want)) < F32_BOUND
 
 
 def test_reference_agrees_with_jax_nn_dot_product_attention():
   """Same layout, GQA convention, causal alignment and window semantics as jax.nn."""
   q, k, v, _ = random_inputs(4, 2, 6, 2, 23, 64)
-  ours = flash_attention_reference(q, k, v, causal=True, local_window_size=(5, 0))
-  theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(5, 0))
+  with jax.default_matmul_precision("highest"):
+    ours = flash_attention_reference(q, k, v, causal=True, local_window_size=(5, 0))
+    theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(5, 0))
   np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def plain_float32_attention(query, key, value, mask):
+  """Softmax attention written out in float32 with jax.nn.softmax, K/V repeated per query head;
+  rows with nothing to attend give zeros. Its autodiff gradients are the ground truth for
+  masked_attention's custom VJP."""
+  groups = query.shape[2] // key.shape[2]
+  key, value = (jnp.repeat(x.astype(jnp.float32), groups, axis=2) for x in (key, value))
+  logits = jnp.einsum("bthd,bshd->bhts", query.astype(jnp.float32), key) * query.shape[-1]**-0.5
+  mask = jnp.broadcast_to(mask, (query.shape[0], query.shape[1], key.shape[1]))[:, None]
+  probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+  probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+  return jnp.einsum("bhts,bshd->bthd", probs, value)
+
+
+@pytest.mark.parametrize("dtype,bound", [(jnp.float32, 1e-5), (jnp.bfloat16, BF16_BOUND)])
+def test_masked_attention_matches_plain_float32_attention(dtype, bound):
+  """Output and gradients (the custom VJP of its softmax) against autodiff of the plain float32
+  formula on the same values, with GQA, a random mask and a row with nothing to attend."""
+  q, k, v, dout = random_inputs(8, 2, 6, 2, 19, 64, kv_length=26, dtype=dtype)
+  mask = jax.random.bernoulli(jax.random.key(9), 0.7, (2, 19, 26)).at[1, 4].set(False)
+
+  def output_and_grads(attention, *args):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask), *args)
+    return tuple(x.astype(jnp.float32) for x in (out, *vjp(dout.astype(out.dtype))))
+
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(functools.partial(output_and_grads, masked_attention))(q, k, v)
+    f32 = lambda x: x.astype(jnp.float32)
+    want = jax.jit(functools.partial(output_and_grads, plain_float32_attention))(
+        f32(q), f32(k), f32(v))
+  assert got[0].dtype == jnp.float32 and masked_attention(q, k, v, mask).dtype == dtype
+  for name, error in zip(("out", "dq", "dk", "dv"), relative_errors(got, want)):
+    assert error < bound, f"{name}: relative error {error:.2e} >= {bound:.0e}"
+  np.testing.assert_array_equal(got[0][1, 4], 0.0)
+  np.testing.assert_array_equal(got[1][1, 4], 0.0)
+
+
+def test_masked_attention_keeps_no_float32_scores_for_the_backward_pass():
+  """In bfloat16 the only [q_len, kv_len] residual of the vjp is the bfloat16 probabilities:
+  no float32 logits or probabilities (what ran the 125m model at 8 x 2048 out of memory)."""
+  q, k, v, _ = random_inputs(0, 2, 4, 2, 33, 64, kv_length=40, dtype=jnp.bfloat16)
+  mask = jnp.tril(jnp.ones((33, 40), bool))
+  vjp = jax.eval_shape(
+      lambda *args: jax.vjp(lambda q, k, v: masked_attention(q, k, v, mask), *args)[1], q, k, v)
+  scores = [x for x in jax.tree.leaves(vjp) if x.shape[-2:] == (33, 40)]
+  assert scores, "the probabilities must be kept for the backward pass"
+  assert all(x.dtype == jnp.bfloat16 for x in scores), [(x.shape, x.dtype) for x in scores]
+
+
+def pallas_call_names(jaxpr):
+  """The names of the pallas_calls in a jaxpr and all its sub-jaxprs, in order."""
+  names = [str(eqn.params["name"]) for eqn in jaxpr.eqns if eqn.primitive.name == "pallas_call"]
+  return names + [name for sub in jax_core.subjaxprs(jaxpr) for name in pallas_call_names(sub)]
+
+
+@pytest.mark.parametrize("policy,forward_calls", [
+    (jax.checkpoint_policies.save_only_these_names(*FLASH_RESIDUAL_NAMES), 1),
+    (jax.checkpoint_policies.nothing_saveable, 2)], ids=["save_flash_residuals", "save_nothing"])
+def test_remat_that_saves_the_named_residuals_runs_the_forward_kernel_once(policy,
+                                                                          forward_calls):
+  """Projections and flash attention under jax.checkpoint: saving FLASH_RESIDUAL_NAMES (the
+  output and log-sum-exp) spares the backward pass a second forward kernel, saving nothing
+  re-runs it; the gradients are the same either way."""
+  x = jax.random.normal(jax.random.key(0), (1, 20, 32))
+  w = 0.1 * jax.random.normal(jax.random.key(1), (3, 32, 2, 64))
+
+  def loss(x, w):
+    q, k, v = (jnp.einsum("btd,dhe->bthe", x, w[i]) for i in range(3))
+    return jnp.sum(flash_attention(q, k, v, causal=True) ** 2)
+
+  grad = jax.grad(jax.checkpoint(loss, policy=policy), argnums=1)
+  calls = pallas_call_names(jax.make_jaxpr(grad)(x, w).jaxpr)
+  assert calls.count("flash_attention_forward") == forward_calls, calls
+  assert calls.count("flash_attention_dq") == calls.count("flash_attention_dkv") == 1, calls
+  np.testing.assert_allclose(jax.jit(grad)(x, w), jax.jit(jax.grad(loss, argnums=1))(x, w),
+                             rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("shapes,kwargs,message", [
@@ -170,8 +263,8 @@ def test_reference_agrees_with_jax_nn_dot_product_attention():
      "segment_ids"),
     (((1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)), {"local_window_size": -1},
      "local_window_size"),
-    (((1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)), {"block_sizes": BlockSizes(64, 48, 32, 32)},
-     "block_sizes"),
+    (((1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)),
+     {"block_sizes": AttentionBlockSizes(64, 48, 32, 32)}, "block_sizes"),
 ])
 def test_bad_inputs_raise_naming_the_argument(shapes, kwargs, message):
   dtype = kwargs.pop("dtype", jnp.float32)
@@ -183,15 +276,18 @@ def test_bad_inputs_raise_naming_the_argument(shapes, kwargs, message):
 def test_tpu_blocks_must_be_at_least_128():
   q = jax.ShapeDtypeStruct((1, 8, 4, 64), jnp.float32)
   kv = jax.ShapeDtypeStruct((1, 8, 2, 64), jnp.float32)
-  blocks = BlockSizes(128, 64, 128, 128)
+  blocks = AttentionBlockSizes(128, 64, 128, 128)
   with pytest.raises(ValueError, match=">= 128 on TPU"):
     jax.eval_shape(functools.partial(tpu_flash_attention, block_sizes=blocks), q, kv, kv)
 
 
 def test_training_with_pallas_attention_matches_xla():
-  """Two train steps of a tiny packed-sequence model: the same losses with either impl."""
+  """Two train steps of a tiny packed-sequence model from the same params: the same losses,
+  gradient norms and updated params with either attention impl. No warmup, so that the first
+  step already moves the params (a learning rate of 0 would compare unchanged params)."""
   tc = base_config().train
-  tc.unlock().update(steps=2, warmup_steps=1, learning_rate=1e-2)
+  tc.unlock().update(steps=2, warmup_steps=0, learning_rate=1e-2)
+  assert float(learning_rate_schedule(tc)(0)) > 0
   batch = jax.random.randint(jax.random.key(0), (2, 41), 3, 50)
   segment_ids = jnp.array([[1] * 25 + [2] * 12 + [0] * 3, [1] * 40])
   positions = jnp.array([list(range(25)) + list(range(12)) + [0] * 3, list(range(40))])
@@ -205,20 +301,34 @@ def test_training_with_pallas_attention_matches_xla():
   init = jax.jit(Transformer(config("xla")).init)
   params = nn.meta.unbox(init(jax.random.key(1), batch["inputs"])["params"])
 
-  def losses(impl):
+  def train(impl):
+    """(params after two steps, {metric: [step 1, step 2]})."""
     optimizer = make_optimizer(tc)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
     step = jax.jit(functools.partial(train_step, model=Transformer(config(impl)),
                                      optimizer=optimizer, schedule=learning_rate_schedule(tc),
                                      grad_accum=1, z_loss=0.0))
-    out = []
+    metrics = []
     for _ in range(2):
-      state, metrics = step(state, batch)
-      out.append(float(metrics["loss"]))
-    return out
+      state, step_metrics = step(state, batch)
+      metrics.append(step_metrics)
+    return state.params, {k: [float(m[k]) for m in metrics] for k in ("loss", "grad_norm")}
 
-  np.testing.assert_allclose(losses("pallas"), losses("xla"), rtol=1e-5)
+  pallas_params, pallas_metrics = train("pallas")
+  xla_params, xla_metrics = train("xla")
+  for name in ("loss", "grad_norm"):
+    np.testing.assert_allclose(pallas_metrics[name], xla_metrics[name], rtol=F32_BOUND,
+                               err_msg=name)
+  leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+  for before, after in zip(leaves(params), leaves(xla_params)):
+    assert np.any(after != before), "a parameter did not move"
+  # The two runs' updates, in L1 relative to the XLA run's: AdamW's first update is
+  # lr * sign(grad) but for gradients near zero, whose sign the kernel's rounding may flip.
+  pallas_updates = [p - p0 for p, p0 in zip(leaves(pallas_params), leaves(params))]
+  xla_updates = [p - p0 for p, p0 in zip(leaves(xla_params), leaves(params))]
+  difference = sum(np.abs(p - x).sum() for p, x in zip(pallas_updates, xla_updates))
+  assert difference / sum(np.abs(x).sum() for x in xla_updates) < F32_BOUND
 
 
 # Every (length, head_dim, kv_heads), each with one of the four mask combinations in turn.

@@ -1,6 +1,7 @@
 """Sharding: train steps on 8 fake devices (data, fsdp and tensor parallel) compute what one
-device computes; params and grads are laid out as the logical-axis rules say; configs that do
-not fit the devices are refused by name.
+device computes, with the XLA attention and with the Pallas kernel inside shard_map; params and
+grads are laid out as the logical-axis rules say; configs that do not fit the devices are
+refused by name.
 
 The 8-device side runs in one subprocess (tests/sharding_worker.py): the main pytest process
 already has its single CPU device.
@@ -51,26 +52,35 @@ def compute(directory: pathlib.Path) -> None:
                                str(directory / "eight.npz"), str(workdir)],
                               env=env, stdout=log, stderr=log)
     try:
-      one = sharding_worker.run()
+      ones = {variant: sharding_worker.run(overrides)
+              for variant, overrides in sharding_worker.VARIANTS.items()}
       worker.wait(timeout=540)
     finally:
       worker.kill()
       worker.wait()
     log.seek(0)
     assert worker.returncode == 0, log.read()[-6000:]
-  arrays = {f"{kind}|{name}": value for kind in ("grads", "params")
-            for name, value in one.pop(kind).items()}
-  np.savez(directory / "one.npz", summary=json.dumps(one), **arrays)
+  for variant, one in ones.items():
+    arrays = {f"{kind}|{name}": value for kind in ("grads", "params")
+              for name, value in one.pop(kind).items()}
+    np.savez(directory / f"one_{variant}.npz", summary=json.dumps(one), **arrays)
+
+
+def load_one_device(path) -> dict:
+  one = dict(np.load(path))
+  result = json.loads(str(one.pop("summary")))
+  for kind in ("grads", "params"):
+    result[kind] = {k.split("|", 1)[1]: v for k, v in one.items() if k.startswith(kind)}
+  return result
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-  """(one device's result, 8 devices' summary, their arrays, the workdir refused runs saw)."""
+  """(one device's result per model variant, 8 devices' summary, their arrays, the workdir
+  refused runs saw)."""
   directory = once_per_run(tmp_path_factory, "sharding_results", compute)
-  one = dict(np.load(directory / "one.npz"))
-  one_device = json.loads(str(one.pop("summary")))
-  for kind in ("grads", "params"):
-    one_device[kind] = {k.split("|", 1)[1]: v for k, v in one.items() if k.startswith(kind)}
+  one_device = {variant: load_one_device(directory / f"one_{variant}.npz")
+                for variant in sharding_worker.VARIANTS}
   arrays = dict(np.load(directory / "eight.npz"))
   return one_device, json.loads(str(arrays.pop("summary"))), arrays, directory / "workdir"
 
@@ -89,6 +99,7 @@ def one_device(results):
 def test_losses_gradients_and_params_match_one_device(mesh, eight_devices, one_device):
   summary, arrays, _ = eight_devices
   result = summary[mesh]
+  one_device = one_device[sharding_worker.MESHES[mesh][0]]
   assert np.prod(list(result["mesh"].values())) == 8
   assert one_device["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}
 
@@ -160,3 +171,12 @@ def test_mesh_shape_names_what_does_not_fit(sizes, devices, message):
 def test_mesh_shape_fills_the_one_free_axis():
   assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2, "expert": 1}, 8) == (2, 2, 2, 1)
   assert sharding.mesh_shape({"data": 1, "fsdp": 4, "tensor": -1, "expert": 1}, 8) == (1, 4, 2, 1)
+
+
+def test_pallas_attention_under_a_mesh_runs_per_shard_without_extra_all_gathers(eight_devices):
+  """The kernel inside shard_map: the compiled step gathers no more than the XLA attention's
+  (outside shard_map XLA would gather q, k, v whole onto every device)."""
+  summary, _, _ = eight_devices
+  pallas = summary["data2_fsdp2_tensor2_pallas"]["all_gathers"]
+  xla = summary["xla_yardstick_all_gathers"]
+  assert 0 < pallas <= xla, (pallas, xla)

@@ -16,10 +16,10 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from llm_research.kernels.ternary_matmul import IMPLS, BlockSizes, ternary_matmul
+from llm_research.kernels.ternary_matmul import IMPLS, MatmulBlockSizes, ternary_matmul
 from llm_research.metrics import median_seconds
 
-def measure(rows: int, k: int, n: int, impl: str, blocks: BlockSizes | None,
+def measure(rows: int, k: int, n: int, impl: str, blocks: MatmulBlockSizes | None,
             repeats: int) -> dict:
   keys = jax.random.split(jax.random.key(0), 3)
   x_int8 = jax.random.randint(keys[0], (rows, k), -127, 128, jnp.int32).astype(jnp.int8)
@@ -48,7 +48,7 @@ def main():
   parser.add_argument("--blocks", default=None, help="BMxBNxBK kernel blocks (default: table)")
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args()
-  blocks = args.blocks and BlockSizes(*(int(b) for b in args.blocks.split("x")))
+  blocks = args.blocks and MatmulBlockSizes(*(int(b) for b in args.blocks.split("x")))
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({device.platform}); ternary impl={args.impl}; "
         f"blocks={blocks or 'table'}; peer: bf16 jnp.dot; jax {jax.__version__}\n")

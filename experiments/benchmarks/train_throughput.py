@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_research import config as config_lib
-from llm_research.metrics import (median_seconds, peak_flops_per_device,
-                                  training_flops_per_token)
+from llm_research.metrics import median_seconds, peak_flops_per_device
 from llm_research.train import Trainer
 
 # LLaMA-shaped sizes (SwiGLU mlp ~ 8/3 embed, vocab 32k).
@@ -69,7 +68,7 @@ def measure_step(config, vocab_size: int, steps: int) -> dict:
     return m
   seconds = median_seconds(one_step, steps)
   tokens = config.train.batch_size * config.data.seq_len
-  flops = training_flops_per_token(trainer.model_config, config.data.seq_len) * tokens
+  flops = trainer.model_config.flops_per_token(config.data.seq_len) * tokens
   return dict(params=trainer.model_config.num_params(), step_s=seconds, tokens_per_s=tokens /
               seconds, flops_per_s=flops / seconds, compile_and_first_step_s=first)
 

@@ -25,22 +25,19 @@ and none is predicted across documents. Batches are dicts of int32 [local_batch,
 `process_index::process_count`. Everything runs in-process, so an iterator's `get_state()` /
 `set_state()` restores its exact position.
 """
-from __future__ import annotations
-
 import os
 import pathlib
-from typing import TYPE_CHECKING
+import zlib
 
 import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from llm_research.config import ConfigError
 from llm_research.data import stdlib_corpus
-
-if TYPE_CHECKING:
-  from llm_research.data.tokenizers import Tokenizer
+from llm_research.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, Tokenizer,
+                                          train_sentencepiece)
+from llm_research.errors import ConfigError
 
 # Chunks shuffled together in training, so that a row's neighbours come from other documents.
 TRAIN_SHUFFLE_WINDOW = 1024
@@ -225,3 +222,31 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokeni
 
 def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
   return {key: np.pad(value, [(0, rows - len(value)), (0, 0)]) for key, value in batch.items()}
+
+
+def _source_name(data_config: ml_collections.ConfigDict) -> str:
+  """A file-name-safe name of the configured corpus."""
+  if data_config.source == "stdlib":
+    return f"stdlib_{data_config.stdlib_config}"
+  if data_config.source == "tfds":
+    return "tfds_" + data_config.tfds_name.replace("/", "_").replace(":", "_")
+  if data_config.source == "text_dir":
+    path = os.path.abspath(data_config.text_dir)
+    return f"text_dir_{os.path.basename(path)}_{zlib.crc32(path.encode()):08x}"
+  raise ConfigError(f"unknown data.source {data_config.source!r}")
+
+
+def get_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
+  """The configured tokenizer; a SentencePiece model is trained on first use, then cached."""
+  if data_config.tokenizer == "byte":
+    return ByteTokenizer()
+  if data_config.tokenizer != "sentencepiece":
+    raise ConfigError(
+        f"unknown data.tokenizer {data_config.tokenizer!r}: use 'byte' or 'sentencepiece'")
+  model_path = os.path.join(data_config.cache_dir, "tokenizers",
+                            f"{_source_name(data_config)}_{data_config.vocab_size}.model")
+  if os.path.exists(model_path):
+    return SentencePieceTokenizer(model_path)
+  source = load_source(data_config, "train")
+  texts = (document_text(source[index]) for index in range(len(source)))
+  return train_sentencepiece(texts, data_config.vocab_size, model_path)

@@ -1,18 +1,15 @@
-"""Tokenizers: a byte-level one and a SentencePiece BPE one trained on the configured corpus.
+"""Tokenizers: a byte-level one and a SentencePiece BPE one (`train_sentencepiece`; the
+pipeline trains it on the configured corpus: `pipeline.get_tokenizer`).
 
 Both follow `Tokenizer`: ids 0 pad, 1 bos, 2 eos; `encode` adds no bos/eos; `decode` drops
 pad/bos/eos. Every str round-trips: `decode(encode(text)) == text`.
 """
 import os
 import tempfile
-import zlib
 from typing import Iterable, Iterator, Protocol, Sequence
 
-import ml_collections
 import sentencepiece as spm
 
-from llm_research.config import ConfigError
-from llm_research.data import pipeline
 
 # Training input cap (characters): all of the stdlib (~30M) fits; BPE on it takes ~10 s.
 MAX_TRAINING_CHARS = 64_000_000
@@ -105,31 +102,3 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
         shuffle_input_sentence=False, num_threads=os.cpu_count() or 1, minloglevel=2)
     os.replace(prefix + ".model", model_path)
   return SentencePieceTokenizer(model_path)
-
-
-def _source_name(data_config: ml_collections.ConfigDict) -> str:
-  """A file-name-safe name of the configured corpus."""
-  if data_config.source == "stdlib":
-    return f"stdlib_{data_config.stdlib_config}"
-  if data_config.source == "tfds":
-    return "tfds_" + data_config.tfds_name.replace("/", "_").replace(":", "_")
-  if data_config.source == "text_dir":
-    path = os.path.abspath(data_config.text_dir)
-    return f"text_dir_{os.path.basename(path)}_{zlib.crc32(path.encode()):08x}"
-  raise ConfigError(f"unknown data.source {data_config.source!r}")
-
-
-def get_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
-  """The configured tokenizer; a SentencePiece model is trained on first use, then cached."""
-  if data_config.tokenizer == "byte":
-    return ByteTokenizer()
-  if data_config.tokenizer != "sentencepiece":
-    raise ConfigError(
-        f"unknown data.tokenizer {data_config.tokenizer!r}: use 'byte' or 'sentencepiece'")
-  model_path = os.path.join(data_config.cache_dir, "tokenizers",
-                            f"{_source_name(data_config)}_{data_config.vocab_size}.model")
-  if os.path.exists(model_path):
-    return SentencePieceTokenizer(model_path)
-  source = pipeline.load_source(data_config, "train")
-  texts = (pipeline.document_text(source[index]) for index in range(len(source)))
-  return train_sentencepiece(texts, data_config.vocab_size, model_path)

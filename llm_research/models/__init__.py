@@ -1,4 +1,5 @@
-"""Model definitions: the transformer core and its variants."""
+"""Model definitions: the registry (`config.model.name`), the transformer core and its parts."""
+from llm_research.models import registry
 from llm_research.models.transformer import Transformer, TransformerConfig
 
-__all__ = ["Transformer", "TransformerConfig"]
+__all__ = ["registry", "Transformer", "TransformerConfig"]

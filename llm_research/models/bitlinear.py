@@ -1,6 +1,6 @@
 """BitNet b1.58 linear layers (Ma et al., 2024, "The Era of 1-bit LLMs").
 
-`Linear(impl=...)` in layers.py switches between:
+`Linear(impl=...)` in linear.py switches between these bases (LoRA adapters compose on any):
   "dense"           y = x W
   "bitnet"          training: y = Q_a(norm(x)) Q_w(W) with straight-through estimators; the
                     latent W is the float32 "kernel", same name, shape and axes as dense.
@@ -21,16 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from llm_research.kernels.ternary_matmul import ternary_matmul
+from llm_research.models.norms import rms_normalize
 
-LINEAR_IMPLS = ("dense", "bitnet", "ternary_packed")
 _EPS = 1e-5
-
-
-def rms_normalize(x: jax.Array, n_in: int, eps: float = 1e-6) -> jax.Array:
-  """Parameter-free RMSNorm over the last `n_in` dims, in float32."""
-  axes = tuple(range(x.ndim - n_in, x.ndim))
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + eps)
 
 
 def quantize_activations(x: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:

@@ -1,8 +1,10 @@
 """The LLaMA-style decoder: the one transformer core every variant switches on.
 
-Pre-norm blocks of grouped-query attention (rotary positions, packed segments) and a SwiGLU
-MLP, RMSNorm, no biases. Params are float32; compute runs in `dtype`. Layers are optionally
-scanned (compile time flat in depth) and rematerialised by a named policy.
+Pre-norm blocks of grouped-query attention (rotary positions, packed segments) and an MLP from
+the MLP registry (SwiGLU by default), RMSNorm, no biases. Params are float32; compute runs in
+`dtype`. The layers are the decoder stack (stack.py): scanned or looped, rematerialised by a
+named policy. Projections are `Linear`s of base `linear_impl`, with LoRA adapters when
+`lora_rank > 0`; the embedding and the output head stay dense.
 """
 import dataclasses
 
@@ -10,67 +12,125 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_research.config import ConfigError
-from llm_research.models.attention import ATTENTION_IMPLS, Attention
-from llm_research.models.bitlinear import LINEAR_IMPLS
-from llm_research.models.layers import Linear, RMSNorm, SwiGLU, constrain
+from llm_research.errors import ConfigError
+from llm_research.kernels.flash_attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from llm_research.models import registry
+from llm_research.models.attention import (ATTENTION_IMPLS, CUDNN_DTYPES, CUDNN_MAX_HEAD_DIM,
+                                           Attention, resolve_attention_impl)
+from llm_research.models.linear import LINEAR_BASES, Linear, LoRA
+from llm_research.models.mlp import MLPS
+from llm_research.models.norms import RMSNorm
+from llm_research.models.layers import constrain
+from llm_research.models.stack import REMAT_POLICIES, decoder_stack
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+shape_field = registry.shape_field
 
 
+@registry.register("transformer")
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   vocab_size: int
-  num_layers: int = 4
-  embed_dim: int = 256
-  num_heads: int = 4
-  num_kv_heads: int = 4
-  head_dim: int = 64
-  mlp_dim: int = 768
+  num_layers: int = shape_field(4)
+  embed_dim: int = shape_field(256)
+  num_heads: int = shape_field(4)
+  num_kv_heads: int = shape_field(4)
+  head_dim: int = shape_field(64)
+  mlp_dim: int = shape_field(768)
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
-  tie_embeddings: bool = True
+  tie_embeddings: bool = shape_field(True)
   dtype: str = "float32"
-  scan_layers: bool = True
+  scan_layers: bool = shape_field(True)
   remat_policy: str = "none"
-  attention_impl: str = "xla"
-  linear_impl: str = "dense"  # attention and MLP projections; embedding and head stay float
+  attention_impl: str = "auto"
+  # Attention and MLP projections: the base (linear.LINEAR_BASES) and LoRA adapters on top
+  # (lora_rank 0: none). The embedding and the output head stay dense.
+  linear_impl: str = shape_field("dense")
+  lora_rank: int = shape_field(0)
+  lora_alpha: float = 16.0
+  lora_heads: int = shape_field(1)
+  mlp_impl: str = shape_field("swiglu")
 
   def __post_init__(self):
     def check(ok, msg):
       if not ok:
         raise ConfigError(f"model config: {msg}")
-    check(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+    for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim", "lora_heads"):
+      check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
+    check(self.num_heads % self.num_kv_heads == 0,
           f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
     check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for rotary")
-    check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
-    check(self.remat_policy in REMAT_POLICIES,
-          f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
-    check(self.attention_impl in ATTENTION_IMPLS,
-          f"attention_impl={self.attention_impl!r} is not one of {sorted(ATTENTION_IMPLS)}")
-    check(self.linear_impl in LINEAR_IMPLS,
-          f"linear_impl={self.linear_impl!r} is not one of {sorted(LINEAR_IMPLS)}")
+    check(self.rope_theta > 0 and self.norm_eps > 0, "rope_theta and norm_eps must be positive")
+    check(self.lora_rank >= 0 and self.lora_alpha > 0,
+          f"lora_rank={self.lora_rank} must be >= 0 and lora_alpha={self.lora_alpha} > 0")
+    for name, value, allowed in (("dtype", self.dtype, DTYPES),
+                                 ("remat_policy", self.remat_policy, REMAT_POLICIES),
+                                 ("attention_impl", self.attention_impl,
+                                  ("auto", *ATTENTION_IMPLS)),
+                                 ("linear_impl", self.linear_impl, LINEAR_BASES),
+                                 ("mlp_impl", self.mlp_impl, MLPS)):
+      check(value in allowed, f"{name}={value!r} is not one of {sorted(allowed)}")
+    self._check_attention(check)
+
+  def _check_attention(self, check):
+    """The kernel `attention_impl` resolves to on this backend takes this dtype and head_dim."""
+    backend = jax.default_backend()
+    impl = resolve_attention_impl(self.attention_impl, self.compute_dtype, self.head_dim,
+                                  backend)
+    where = (f"attention_impl={self.attention_impl!r}"
+             + (f" (on {backend}: {impl!r})" if impl != self.attention_impl else ""))
+    if impl == "pallas":
+      check(jnp.dtype(self.compute_dtype) in SUPPORTED_DTYPES,
+            f"{where} takes dtype float32 or bfloat16, not {self.dtype!r}")
+      check(self.head_dim in SUPPORTED_HEAD_DIMS,
+            f"{where} takes head_dim in {SUPPORTED_HEAD_DIMS}, not {self.head_dim}")
+    if impl == "cudnn":
+      check(backend == "gpu", f"{where} needs a GPU; the backend is {backend!r}")
+      check(jnp.dtype(self.compute_dtype) in CUDNN_DTYPES,
+            f"{where} takes dtype bfloat16 or float16, not {self.dtype!r}")
+      check(self.head_dim % 8 == 0 and self.head_dim <= CUDNN_MAX_HEAD_DIM,
+            f"{where} takes a head_dim that is a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}, "
+            f"not {self.head_dim}")
 
   @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
+  @property
+  def lora(self) -> LoRA | None:
+    return LoRA(self.lora_rank, self.lora_alpha, self.lora_heads) if self.lora_rank else None
+
+  def linear(self, features, in_axes, out_axes, *, name: str) -> Linear:
+    """A projection of this model: base `linear_impl`, LoRA adapters if configured."""
+    return Linear(tuple(features), tuple(in_axes), tuple(out_axes), self.compute_dtype,
+                  impl=self.linear_impl, lora=self.lora, name=name)
+
+  def make_model(self, *, decode: bool = False, cache_len: int = 0) -> nn.Module:
+    return Transformer(self, decode=decode, cache_len=cache_len)
+
   def num_params(self, include_embeddings: bool = True) -> int:
-    attn = self.embed_dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-    mlp = 3 * self.embed_dim * self.mlp_dim
-    per_layer = attn + mlp + 2 * self.embed_dim
-    embeddings = self.vocab_size * self.embed_dim * (1 if self.tie_embeddings else 2)
-    return self.num_layers * per_layer + self.embed_dim + (embeddings if include_embeddings else 0)
+    e, q, kv, m = (self.embed_dim, self.num_heads * self.head_dim,
+                   self.num_kv_heads * self.head_dim, self.mlp_dim)
+    projections = [(e, q), (e, kv), (e, kv), (q, e), (e, m), (e, m), (m, e)]  # (fan in, out)
+    weights = sum(i * o for i, o in projections)
+    adapters = self.lora_heads * self.lora_rank * sum(i + o for i, o in projections)
+    per_layer = weights + adapters + 2 * e  # + the two norms' scales
+    embeddings = self.vocab_size * e * (1 if self.tie_embeddings else 2)
+    return self.num_layers * per_layer + e + (embeddings if include_embeddings else 0)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N for the matmul weights (embedding lookup excluded, output
+    head included) plus attention: QK^T and PV are 4 * seq_len * heads * head_dim FLOPs per
+    token per layer forward, halved for the causal mask, times 3 for forward + backward."""
+    matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.embed_dim
+    attention = 4 * seq_len * self.num_heads * self.head_dim * self.num_layers / 2
+    return 6 * matmul_params + 3 * attention
 
 
 class Block(nn.Module):
-  """x + attn(norm(x)), then + mlp(norm(x)). Signature fits `nn.scan`: (carry, _) -> (carry, _)."""
+  """x + attn(norm(x)), then + mlp(norm(x))."""
 
   config: TransformerConfig
   decode: bool = False
@@ -79,22 +139,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg = self.config
-    dtype = cfg.compute_dtype
-    h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x)
-    h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                  cfg.attention_impl, dtype, self.decode, self.cache_len, cfg.linear_impl,
-                  name="attn")(
-                      h, positions, segment_ids)
+    h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x)
+    h = Attention(cfg, self.decode, self.cache_len, name="attn")(h, positions, segment_ids)
     x = constrain(x + h, ("batch", "length", "embed"))
-    h = RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x)
-    x = x + SwiGLU(cfg.mlp_dim, dtype, cfg.linear_impl, name="mlp")(h)
+    h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x)
+    x = x + MLPS[cfg.mlp_impl](cfg, name="mlp")(h)
     return constrain(x, ("batch", "length", "embed"))
-
-
-class _ScannedBlock(Block):
-  @nn.compact
-  def __call__(self, x, positions, segment_ids):
-    return super().__call__(x, positions, segment_ids), None
 
 
 class Transformer(nn.Module):
@@ -121,22 +171,8 @@ class Transformer(nn.Module):
         (cfg.vocab_size, cfg.embed_dim), jnp.float32)
     x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
     x = constrain(x, ("batch", "length", "embed"))
-
-    policy = REMAT_POLICIES[cfg.remat_policy]
-    if cfg.scan_layers:
-      block = _ScannedBlock
-      if cfg.remat_policy != "none":
-        block = nn.remat(block, policy=policy, prevent_cse=False)
-      stack = nn.scan(
-          block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, self.decode, self.cache_len, name="layers")(x, positions, segment_ids)
-    else:
-      block = nn.remat(Block, policy=policy) if cfg.remat_policy != "none" else Block
-      for i in range(cfg.num_layers):
-        x = block(cfg, self.decode, self.cache_len, name=f"layers_{i}")(x, positions, segment_ids)
-
+    x = decoder_stack(Block, cfg, x, positions, segment_ids, decode=self.decode,
+                      cache_len=self.cache_len)
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
     if cfg.tie_embeddings:
       logits = jnp.einsum("ble,ve->blv", x, embedding.astype(cfg.compute_dtype)) \

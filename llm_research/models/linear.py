@@ -1,0 +1,116 @@
+"""Linear layers that compose: a base map (`LINEAR_BASES`) plus optional LoRA adapters on top.
+
+    y = base(x) + (alpha / rank / heads) * sum_n B_n A_n x        (the sum only with LoRA)
+
+Bases (`model.linear_impl`):
+  "dense"           x W, W the float32 "kernel" cast to the compute dtype.
+  "bitnet"          BitNet b1.58 training: the same "kernel", quantized with straight-through
+                    gradients (bitlinear.py).
+  "ternary_packed"  BitNet inference: "packed_kernel" (2 bits a weight) and "kernel_scale",
+                    through the ternary matmul kernel (bitlinear.py).
+LoRA (`LoRA(rank, alpha, heads)`): `heads` pairs A_n [*in, rank] (random normal, 1/sqrt(fan in))
+and B_n [rank, *out] (zeros, so a fresh adapter leaves the base's function unchanged), stored
+as "lora_a" [heads, *in, rank] and "lora_b" [heads, rank, *out] beside the base's params. The
+adapters read the layer's input x unquantized whatever the base.
+"""
+import dataclasses
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_research.models import bitlinear
+from llm_research.models.layers import Dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  rank: int
+  alpha: float
+  heads: int = 1
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank / self.heads
+
+
+def _contract(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+  """Contracts the last `n_in` dims of x with the first `n_in` of w."""
+  return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
+                                    ((), ())))
+
+
+def _kernel(layer: "Linear", in_shape: tuple[int, ...]) -> jax.Array:
+  init = nn.initializers.normal(stddev=math.prod(in_shape)**-0.5)
+  return layer.param("kernel", nn.with_logical_partitioning(init, layer.in_axes + layer.out_axes),
+                     in_shape + tuple(layer.features), jnp.float32)
+
+
+def _dense(layer: "Linear", x: jax.Array, n_in: int) -> jax.Array:
+  kernel = _kernel(layer, x.shape[x.ndim - n_in:])
+  return _contract(x.astype(layer.dtype), kernel.astype(layer.dtype), n_in)
+
+
+def _bitnet(layer: "Linear", x: jax.Array, n_in: int) -> jax.Array:
+  kernel = _kernel(layer, x.shape[x.ndim - n_in:])
+  x, kernel = bitlinear.bitnet_operands(x, kernel, n_in)
+  return _contract(x.astype(layer.dtype), kernel.astype(layer.dtype), n_in)
+
+
+def _ternary_packed(layer: "Linear", x: jax.Array, n_in: int) -> jax.Array:
+  fan_in, fan_out = math.prod(x.shape[x.ndim - n_in:]), math.prod(layer.features)
+  if fan_in % 4:
+    raise ValueError(f"ternary_packed Linear {layer.name!r}: input size {fan_in} "
+                     "(product of the contracted dims) must be a multiple of 4")
+  packed = layer.param(
+      "packed_kernel", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                    (None, layer.out_axes[0])),
+      (fan_in // 4, fan_out), jnp.uint8)
+  scale = layer.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, ()),
+                      (), jnp.float32)
+  y = bitlinear.ternary_packed_matmul(x, packed, scale, n_in, layer.features)
+  return y.astype(layer.dtype)
+
+
+# base name -> fn(layer, x, n_in) -> y: creates the base's params on `layer` and applies them.
+LINEAR_BASES: dict[str, Callable] = {
+    "dense": _dense, "bitnet": _bitnet, "ternary_packed": _ternary_packed}
+
+
+class Linear(nn.Module):
+  """A bias-free linear map contracting the last `len(in_axes)` dims of x into `features`.
+
+  Params carry logical axes `in_axes + out_axes` (LoRA's add "lora_heads" and "lora_rank").
+  `impl` names the base in LINEAR_BASES; `lora` adds adapters on top of it.
+  """
+
+  features: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  dtype: Dtype = jnp.float32
+  impl: str = "dense"
+  lora: LoRA | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_axes)
+    y = LINEAR_BASES[self.impl](self, x, n_in)
+    if self.lora is not None:
+      y = y + self._adapters(x, n_in)
+    return y
+
+  def _adapters(self, x: jax.Array, n_in: int) -> jax.Array:
+    lora, in_shape = self.lora, x.shape[x.ndim - n_in:]
+    a = self.param("lora_a", nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=math.prod(in_shape)**-0.5),
+        ("lora_heads", *self.in_axes, "lora_rank")), (lora.heads, *in_shape, lora.rank),
+                   jnp.float32)
+    b = self.param("lora_b", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ("lora_heads", "lora_rank", *self.out_axes)),
+                   (lora.heads, lora.rank, *self.features), jnp.float32)
+    x = x.astype(self.dtype)
+    a = jnp.moveaxis(a, 0, n_in).astype(self.dtype)  # [*in, heads, rank]
+    low_rank = _contract(x, a, n_in)  # [..., heads, rank]
+    return lora.scale * _contract(low_rank, b.astype(self.dtype), 2)  # [..., *features]

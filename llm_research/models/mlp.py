@@ -1,0 +1,23 @@
+"""The MLP registry (`model.mlp_impl`): name -> module class built as `cls(config, name=...)`,
+mapping [batch, length, embed] to the same shape. `moe` joins `swiglu` here."""
+import flax.linen as nn
+import jax
+
+from llm_research.models.layers import constrain
+
+
+class SwiGLU(nn.Module):
+  """LLaMA's gated MLP: down(silu(gate(x)) * up(x)), hidden size `config.mlp_dim`."""
+
+  config: "TransformerConfig"  # noqa: F821 (transformer.py; any config with `linear()`)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # [batch, length, embed]
+    cfg = self.config
+    up = lambda name: cfg.linear((cfg.mlp_dim,), ("embed",), ("mlp",), name=name)
+    hidden = nn.silu(up("gate")(x)) * up("up")(x)  # [batch, length, mlp]
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    return cfg.linear((x.shape[-1],), ("mlp",), ("embed",), name="down")(hidden)
+
+
+MLPS = {"swiglu": SwiGLU}

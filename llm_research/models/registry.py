@@ -1,0 +1,84 @@
+"""The model registry: `config.model.name` -> the model's config class.
+
+A model is a frozen dataclass registered with `@register("name")`. Its fields are its
+hyperparameters (one of them `vocab_size`, which the tokenizer fixes); training, generation,
+FLOP counting and parameter counting reach the model only through these methods:
+
+    make_model(decode=False, cache_len=0) -> nn.Module
+        `__call__(tokens, positions=None, segment_ids=None)` -> float32 logits
+        [batch, length, vocab]. With `decode=True` the module keeps a 'cache' collection of
+        `cache_len` slots and `positions` are absolute cache slots (llm_research.decode).
+        Auxiliary losses are sown into the 'aux_loss' collection (`sow_aux_loss`).
+    num_params(include_embeddings=True) -> int
+    flops_per_token(seq_len) -> float     training (forward + backward) FLOPs per token
+
+The dataclass is the one place a model's defaults live: `config.model` in the base config is
+`name` plus the union of every registered model's fields (a field two models share is one key,
+with the default of the first model registered), and the fields declared with `shape_field`
+are the keys that fix the shapes of a run's checkpoints.
+"""
+import dataclasses
+from typing import Any
+
+from llm_research.errors import ConfigError
+
+DEFAULT_MODEL = "transformer"
+MODELS: dict[str, type] = {}
+_REQUIRED_METHODS = ("make_model", "num_params", "flops_per_token")
+
+
+def register(name: str):
+  """Class decorator: registers a model config dataclass under `name`."""
+  def add(cls):
+    missing = [m for m in _REQUIRED_METHODS if not callable(getattr(cls, m, None))]
+    if not dataclasses.is_dataclass(cls) or missing:
+      raise TypeError(f"model {name!r}: {cls.__name__} must be a dataclass with {missing}")
+    if "vocab_size" not in {f.name for f in dataclasses.fields(cls)}:
+      raise TypeError(f"model {name!r}: {cls.__name__} has no vocab_size field")
+    for field in _configurable_fields(cls):
+      for other in MODELS.values():
+        same = {f.name: f for f in dataclasses.fields(other)}.get(field.name)
+        if same is not None and same.type != field.type:
+          raise TypeError(f"model {name!r}: field {field.name!r} is {field.type}, but "
+                          f"{other.__name__} declares it {same.type}")
+    MODELS[name] = cls
+    return cls
+  return add
+
+
+def shape_field(default: Any) -> Any:
+  """A dataclass field that fixes parameter shapes (a run's checkpoints keep it)."""
+  return dataclasses.field(default=default, metadata={"shapes": True})
+
+
+def _configurable_fields(cls) -> list[dataclasses.Field]:
+  return [f for f in dataclasses.fields(cls) if f.name != "vocab_size"]
+
+
+def config_section() -> dict:
+  """`name` and every registered model's fields with their defaults: the base config's model
+  section."""
+  section = {"name": DEFAULT_MODEL}
+  for cls in MODELS.values():
+    for field in _configurable_fields(cls):
+      section.setdefault(field.name, field.default)
+  return section
+
+
+def model_class(name: str) -> type:
+  if name not in MODELS:
+    raise ConfigError(f"model.name={name!r} is not a registered model: {sorted(MODELS)}")
+  return MODELS[name]
+
+
+def model_config(model_section, vocab_size: int):
+  """The registered config of `model_section.name`, built from the section's keys."""
+  cls = model_class(model_section["name"])
+  return cls(vocab_size=vocab_size,
+             **{f.name: model_section[f.name] for f in _configurable_fields(cls)})
+
+
+def shape_keys(name: str) -> tuple[str, ...]:
+  """The model keys whose values fix the shapes of `name`'s params."""
+  return tuple(f.name for f in _configurable_fields(model_class(name))
+               if f.metadata.get("shapes"))
