@@ -15,6 +15,7 @@ import os
 import re
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,7 @@ from llm_research import config as config_lib
 from llm_research import main as cli
 from llm_research import sharding, train
 from llm_research.data import ByteTokenizer
+from llm_research.methods.ternary_packing import pack_params
 
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_config.py")
 STEPS = 3
@@ -110,6 +112,24 @@ def run(overrides=()) -> dict:
           "all_gathers": len(re.findall(r"\ball-gather(?:-start)?\(", compiled))}
 
 
+def packed_logits(mesh_overrides=()) -> np.ndarray:
+  """Logits of a tiny BitNet model packed to 2 bits (the ternary matmul runs per device inside
+  shard_map under a mesh), on fixed tokens, under the mesh `mesh_overrides` give."""
+  config = config_lib.load_config(TINY_CONFIG, ["model.linear_impl=bitnet", *mesh_overrides])
+  bitnet = train.model_config_from(config, ByteTokenizer.vocab_size)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(3, 259, (8, 32)), jnp.int32)
+  params = nn.meta.unbox(jax.jit(bitnet.make_model().init)(jax.random.key(0), tokens))["params"]
+  packed_config, packed = pack_params(bitnet, jax.device_get(params))
+  model = packed_config.make_model()
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
+  shardings = sharding.logical_shardings(
+      jax.eval_shape(model.init, jax.random.key(0), tokens)["params"], mesh, rules)
+  with sharding.activate(mesh, rules):
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t),
+                    in_shardings=(shardings, sharding.batch_sharding(mesh, rules)))
+    return np.asarray(apply(jax.device_put(packed, shardings), tokens))
+
+
 def refusals(workdir: str) -> dict:
   """name -> the message of each config that 8 devices cannot run."""
   messages = {}
@@ -136,6 +156,7 @@ def main(out_path: str, workdir: str):
              for name, (variant, overrides) in MESHES.items()}
   arrays, summary = {}, {"refusals": refusals(workdir),
                          "xla_yardstick_all_gathers": run(XLA_YARDSTICK)["all_gathers"]}
+  arrays["packed_logits"] = packed_logits(MESH_3D)
   for name, result in results.items():
     for kind in ("grads", "params"):
       for leaf, value in result.pop(kind).items():

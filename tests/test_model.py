@@ -7,6 +7,7 @@ import pytest
 
 from llm_research.decode import generate, sample_logits
 from llm_research.models import Transformer, TransformerConfig
+from llm_research.models.attention import resolve_attention_impl, segment_lengths_and_offsets
 
 VOCAB = 61
 
@@ -144,7 +145,39 @@ def test_sampling_truncations():
     (dict(dtype="fp8"), "dtype='fp8'"),
     (dict(attention_impl="flash"), "attention_impl='flash'"),
     (dict(remat_policy="some"), "remat_policy='some'"),
+    (dict(num_layers=0), "num_layers=0 must be at least 1"),
+    (dict(head_dim=0), "head_dim=0 must be at least 1"),
+    (dict(vocab_size=0), "vocab_size=0 must be at least 1"),
+    (dict(mlp_impl="moe"), "mlp_impl='moe' is not one of"),
+    (dict(linear_impl="int4"), "linear_impl='int4' is not one of"),
+    (dict(lora_rank=-1), "lora_rank=-1 must be >= 0"),
+    (dict(attention_impl="pallas", head_dim=96), "attention_impl='pallas' takes head_dim in"),
+    (dict(attention_impl="pallas", head_dim=64, dtype="float16"),
+     "attention_impl='pallas' takes dtype float32 or bfloat16, not 'float16'"),
+    (dict(attention_impl="cudnn", dtype="bfloat16"), "attention_impl='cudnn' needs a GPU"),
 ])
 def test_bad_model_config_names_the_field(bad, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
     tiny(**bad)
+
+
+@pytest.mark.parametrize("backend, dtype, head_dim, impl", [
+    ("cpu", jnp.bfloat16, 128, "xla"), ("tpu", jnp.float32, 64, "pallas"),
+    ("gpu", jnp.bfloat16, 128, "cudnn"), ("gpu", jnp.float16, 64, "cudnn"),
+    ("gpu", jnp.float32, 128, "pallas"), ("gpu", jnp.bfloat16, 256, "pallas"),
+])
+def test_auto_attention_is_cudnn_on_gpu_where_it_applies_pallas_on_tpu_xla_on_cpu(
+    backend, dtype, head_dim, impl):
+  assert resolve_attention_impl("auto", dtype, head_dim, backend) == impl
+  assert resolve_attention_impl("xla", dtype, head_dim, backend) == "xla"
+
+
+def test_packed_rows_become_cudnn_ragged_segments():
+  segment_ids = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0],
+                           [1, 1, 1, 1, 1, 1, 1, 1],
+                           [1, 2, 3, 4, 5, 6, 7, 8]])
+  lengths, offsets = segment_lengths_and_offsets(segment_ids)
+  pad = lambda row, n: row + [-1] * (n - len(row))
+  np.testing.assert_array_equal(lengths, [pad([3, 2, 1], 8), pad([8], 8), [1] * 8])
+  np.testing.assert_array_equal(offsets, [pad([0, 3, 5], 9), pad([0], 9),
+                                          pad(list(range(8)), 9)])

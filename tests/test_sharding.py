@@ -54,6 +54,7 @@ def compute(directory: pathlib.Path) -> None:
     try:
       ones = {variant: sharding_worker.run(overrides)
               for variant, overrides in sharding_worker.VARIANTS.items()}
+      np.save(directory / "one_packed_logits.npy", sharding_worker.packed_logits())
       worker.wait(timeout=540)
     finally:
       worker.kill()
@@ -81,6 +82,7 @@ def results(tmp_path_factory):
   directory = once_per_run(tmp_path_factory, "sharding_results", compute)
   one_device = {variant: load_one_device(directory / f"one_{variant}.npz")
                 for variant in sharding_worker.VARIANTS}
+  one_device["packed_logits"] = np.load(directory / "one_packed_logits.npy")
   arrays = dict(np.load(directory / "eight.npz"))
   return one_device, json.loads(str(arrays.pop("summary"))), arrays, directory / "workdir"
 
@@ -180,3 +182,11 @@ def test_pallas_attention_under_a_mesh_runs_per_shard_without_extra_all_gathers(
   pallas = summary["data2_fsdp2_tensor2_pallas"]["all_gathers"]
   xla = summary["xla_yardstick_all_gathers"]
   assert 0 < pallas <= xla, (pallas, xla)
+
+
+def test_packed_ternary_model_under_a_mesh_computes_what_one_device_computes(eight_devices,
+                                                                             one_device):
+  """2-bit projections through the ternary matmul inside shard_map (rows over the batch axes,
+  output features over their mesh axis) on data=2, fsdp=2, tensor=2."""
+  _, arrays, _ = eight_devices
+  np.testing.assert_allclose(arrays["packed_logits"], one_device["packed_logits"], atol=1e-5)

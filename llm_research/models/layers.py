@@ -23,6 +23,8 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int]) -> Partitio
   """The active mesh's PartitionSpec for an array of `shape` with logical `axes`; a dim its
   mesh axes do not divide evenly is left whole (replicated)."""
   mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return PartitionSpec(*(None for _ in shape))
   spec = nn.logical_to_mesh_axes(tuple(axes))
   def ways(mesh_axes):
     mesh_axes = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)

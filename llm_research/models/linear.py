@@ -20,9 +20,10 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from llm_research.models import bitlinear
-from llm_research.models.layers import Dtype
+from llm_research.models.layers import Dtype, map_shards, partition_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,8 @@ def _bitnet(layer: "Linear", x: jax.Array, n_in: int) -> jax.Array:
 
 
 def _ternary_packed(layer: "Linear", x: jax.Array, n_in: int) -> jax.Array:
+  """Under a mesh the kernel runs per device (shard_map): rows split like the batch (x's
+  leading dim), output features like the layer's first out axis, K whole."""
   fan_in, fan_out = math.prod(x.shape[x.ndim - n_in:]), math.prod(layer.features)
   if fan_in % 4:
     raise ValueError(f"ternary_packed Linear {layer.name!r}: input size {fan_in} "
@@ -70,7 +73,17 @@ def _ternary_packed(layer: "Linear", x: jax.Array, n_in: int) -> jax.Array:
       (fan_in // 4, fan_out), jnp.uint8)
   scale = layer.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, ()),
                       (), jnp.float32)
-  y = bitlinear.ternary_packed_matmul(x, packed, scale, n_in, layer.features)
+  lead = x.shape[:x.ndim - n_in]
+  out_spec = partition_spec(("batch",) + (None,) * (len(lead) - 1) + layer.out_axes,
+                            lead + tuple(layer.features))
+  rest = math.prod(layer.features[1:])
+
+  def per_shard(x, packed, scale):  # this device's rows and output features
+    features = (packed.shape[1] // rest, *layer.features[1:])
+    return bitlinear.ternary_packed_matmul(x, packed, scale, n_in, features)
+
+  y = map_shards(per_shard, (PartitionSpec(out_spec[0]), PartitionSpec(None, out_spec[len(lead)]),
+                             PartitionSpec()), out_spec)(x, packed, scale)
   return y.astype(layer.dtype)
 
 
