@@ -10,20 +10,28 @@ setup(
     packages=find_packages(include=["llm_research", "llm_research.*"]) + ["llm_research.kernels"],
     package_dir={"llm_research.kernels": "kernels"},
     install_requires=[
-        "jax>=0.6",
-        "flax>=0.10",
-        "optax",
-        "orbax-checkpoint",
-        "chex",
-        "tensorflow-datasets",
-        "grain",
-        "sentencepiece",
-        "ml_collections",
-        "tensorboardX",
-        "tqdm",
-        "matplotlib",
+        # Floors: the versions the test suite passed with (CPU, Python 3.11); older ones are
+        # untested (jax.set_mesh alone needs jax 0.7.1 or later).
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "chex>=0.1.92",
+        "numpy>=2.4.6",
+        "etils[epath]>=1.15.0",
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "sentencepiece>=0.2.3",
+        "ml_collections>=1.1.0",
+        "tensorboardX>=2.6.5",
+        "tqdm>=4.70.1",
+        "matplotlib>=3.11.2",  # the notebooks' and experiments' figures
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "nbclient>=0.11.0", "nbformat>=5.11.1",
+                 "ipykernel>=7.4.0", "portpicker>=1.6.0"],
+        # JAX's own extras: the CUDA 13 wheels (NVIDIA driver 580 or newer), or libtpu.
+        "cuda": ["jax[cuda13]>=0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2"],
     },
 )

@@ -119,7 +119,8 @@ def masked_attention(query, key, value, mask, *, scale=None):
   Returns [batch, q_len, heads, head_dim] in query's dtype. Logits and softmax are float32; a
   row with nothing to attend to gives zeros, never NaN. The [q_len, kv_len] logits are
   materialised, but the backward pass keeps only the probabilities, in value's dtype (see
-  `_masked_softmax`): no float32 [q_len, kv_len] array outlives the forward pass.
+  `_masked_softmax`): with bfloat16 inputs no float32 [q_len, kv_len] array outlives the
+  forward pass.
   """
   batch, q_len, heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]

@@ -16,6 +16,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from llm_research import data, sharding
+from llm_research.data import ByteTokenizer
 from llm_research.checkpoints import Checkpointer
 from llm_research.config import ConfigError
 from llm_research.metrics import MetricsWriter, peak_flops_per_device
@@ -194,6 +195,54 @@ def checked_mesh(config) -> jax.sharding.Mesh:
   return mesh
 
 
+def check_config_values(config) -> None:
+  """Refuses, naming the key, a `model`, `train`, `data` or `sample` value no run can use;
+  cheap, so runs first (the mesh is `checked_mesh`'s)."""
+  tc, dc, sc = config.train, config.data, config.sample
+  if config.model.get("linear_impl") == "ternary_packed":
+    raise ConfigError("model.linear_impl='ternary_packed' is for inference: train with "
+                      "'bitnet', then pack the run (python -m llm_research.pack)")
+
+  def need(ok: bool, key: str, what: str) -> None:
+    if not ok:
+      section, name = key.split(".")
+      raise ConfigError(f"{key}={config[section][name]!r} {what}")
+
+  for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches",
+               "checkpoint_every", "keep_checkpoints"):
+    need(tc[name] >= 1, f"train.{name}", "must be at least 1")
+  for name in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "z_loss",
+               "peak_flops_per_device"):
+    need(tc[name] >= 0, f"train.{name}", "must not be negative")
+  need(0 <= tc.final_lr_fraction <= 1, "train.final_lr_fraction", "must be in [0, 1]")
+  need(0 <= tc.b1 < 1, "train.b1", "must be in [0, 1)")
+  need(0 <= tc.b2 < 1, "train.b2", "must be in [0, 1)")
+  learning_rate_schedule(tc)  # an unknown train.schedule is a ConfigError naming it
+  try:
+    re.compile(tc.trainable)
+  except re.error as error:
+    raise ConfigError(f"train.trainable={tc.trainable!r} is not a regular expression: "
+                      f"{error}") from None
+  need(dc.source in ("stdlib", "tfds", "text_dir"), "data.source",
+       "is not 'stdlib', 'tfds' or 'text_dir'")
+  need(dc.source != "stdlib" or dc.stdlib_config in ("full", "tiny"), "data.stdlib_config",
+       "is not 'full' or 'tiny'")
+  need(dc.tokenizer in ("sentencepiece", "byte"), "data.tokenizer",
+       "is not 'sentencepiece' or 'byte'")
+  # SentencePiece's byte-fallback BPE holds 256 byte pieces and pad, bos, eos, unk, plus one
+  # piece per distinct character of the corpus (its exact need shows when it trains).
+  need(dc.tokenizer != "sentencepiece" or dc.vocab_size > 260, "data.vocab_size",
+       "is too small for data.tokenizer='sentencepiece': its 256 byte pieces and 4 special "
+       "pieces leave no room for the corpus's characters (use a few hundred or more)")
+  need(dc.seq_len >= 1, "data.seq_len", "must be at least 1")
+  need(sc.max_new_tokens >= 0, "sample.max_new_tokens", "must not be negative")
+  need(sc.temperature >= 0, "sample.temperature", "must not be negative (0 is greedy)")
+  need(sc.top_k >= 0, "sample.top_k", "must not be negative (0 is off)")
+  need(0 < sc.top_p <= 1, "sample.top_p", "must be in (0, 1] (1 is off)")
+  # The model's own checks (its config class), at the vocab the tokenizer will have.
+  model_config_from(config, ByteTokenizer.vocab_size if dc.tokenizer == "byte" else dc.vocab_size)
+
+
 class Trainer:
   """Everything a run needs, built from its config: model, mesh, optimizer, compiled steps.
 
@@ -202,9 +251,6 @@ class Trainer:
 
   def __init__(self, config, tokenizer, hooks: tuple[AfterStepHook, ...] = ()):
     tc = config.train
-    if config.model.linear_impl == "ternary_packed":
-      raise ConfigError("model.linear_impl='ternary_packed' is for inference: train with "
-                        "'bitnet', then pack the run (python -m llm_research.pack)")
     self.config = config
     self.tokenizer = tokenizer
     self.model_config = model_config_from(config, tokenizer.vocab_size)
@@ -212,8 +258,13 @@ class Trainer:
     self.mesh = checked_mesh(config)
     self.rules = sharding.rules_from_config(config)
     self.optimizer = make_optimizer(tc)
-    self.state_shardings = sharding.logical_shardings(
-        jax.eval_shape(self._init_boxed), self.mesh, self.rules)
+    abstract = jax.eval_shape(self._init_boxed)
+    if not any(jax.tree.leaves(trainable_mask(nn.meta.unbox(abstract.params), tc.trainable))):
+      paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+          nn.meta.unbox(abstract.params))]
+      raise ConfigError(f"train.trainable={tc.trainable!r} matches no param (they are "
+                        f"{', '.join(paths[:6])}, ...)")
+    self.state_shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
     batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     step = functools.partial(train_step, model=self.model, optimizer=self.optimizer,
                              schedule=learning_rate_schedule(tc), grad_accum=tc.grad_accum,
@@ -328,10 +379,14 @@ def train_and_evaluate(config, workdir: str, hooks: tuple[AfterStepHook, ...] = 
   Returns the last logged metrics (with the final eval). Saves every `checkpoint_every` steps,
   on SIGTERM and at the end; a resumed run continues the exact trajectory (params, optimizer,
   step, RNG and data position all come from the checkpoint). Writes `workdir/config.json` only
-  once the config has passed every check (mesh, batch, data), so a bad command leaves an
-  existing run's record as it was.
+  once the config has passed every check (values, mesh, batch, data, the checkpoints' state),
+  so a bad command leaves an existing run's record as it was.
+
+  The first step after a start or resume compiles: its wall time is the first record's
+  `compile_time_s`, and `step_time_s`, `tokens_per_s` and `mfu` time only the steps after it.
   """
   tc = config.train
+  check_config_values(config)
   check_same_shapes(config, workdir)
   checked_mesh(config)  # before the data and tokenizer, which may take minutes to build
   tokenizer = data.get_tokenizer(config.data)
@@ -339,12 +394,16 @@ def train_and_evaluate(config, workdir: str, hooks: tuple[AfterStepHook, ...] = 
   train_iter = data.make_train_iterator(
       config.data, tokenizer, global_batch_size=tc.batch_size, seed=config.data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
+  try:  # a checkpoint that does not fit the config: an error before config.json is written
+    state, start = checkpointer.restore_latest(trainer.abstract_state(), train_iter, config)
+  except ConfigError:
+    checkpointer.close()
+    raise
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
-  state, start = checkpointer.restore_latest(trainer.abstract_state(), train_iter)
   if state is None:
     state = trainer.init_state()
   writer = MetricsWriter(workdir)
@@ -358,19 +417,27 @@ def train_and_evaluate(config, workdir: str, hooks: tuple[AfterStepHook, ...] = 
   preemption = _Preemption(checkpointer)
   bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not tc.progress_bar
              or jax.process_index() != 0, dynamic_ncols=True)
-  record, interval_start, interval_steps = {}, time.perf_counter(), 0
+  record, interval_steps, compile_time = {}, 0, None
+  interval_start = time.perf_counter()
   try:
     for step in range(start + 1, tc.steps + 1):
       state, metrics = trainer.step(state, next(train_iter))
-      interval_steps += 1
+      if step == start + 1:  # compiles: timed apart, into the next record's compile_time_s
+        jax.block_until_ready(metrics)
+        compile_time, interval_start = time.perf_counter() - interval_start, time.perf_counter()
+      else:
+        interval_steps += 1
       is_last = step == tc.steps
       if step % tc.log_every == 0 or is_last or step % tc.eval_every == 0:
         record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        seconds = (time.perf_counter() - interval_start) / interval_steps
-        record.update(perplexity=float(np.exp(record["loss"])), step_time_s=seconds,
-                      tokens_per_s=tokens_per_step / seconds)
-        if peak:
-          record["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
+        record["perplexity"] = float(np.exp(record["loss"]))
+        if compile_time is not None:
+          record["compile_time_s"], compile_time = compile_time, None
+        if interval_steps:  # not for the first step alone: it was all compilation
+          seconds = (time.perf_counter() - interval_start) / interval_steps
+          record.update(step_time_s=seconds, tokens_per_s=tokens_per_step / seconds)
+          if peak:
+            record["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
         if step % tc.eval_every == 0 or is_last:
           record.update(trainer.evaluate(state.params, tc.eval_batches))
         writer.write(step, record)

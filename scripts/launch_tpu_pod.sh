@@ -16,7 +16,7 @@ same command resumes the run from its newest checkpoint.
 
 environment:
   SETUP=1     first clone REPO_URL into ~/llm_research on every worker and install it with
-              jax[tpu] into ~/llm_research/.venv (needs python3.11 on the workers)
+              jax[tpu] into ~/llm_research/.venv (needs Python 3.11 or newer on the workers)
   REPO_URL    the repository's git URL (for SETUP=1)
 TXT
   exit 2
@@ -36,7 +36,7 @@ if [[ ${SETUP:-0} == 1 ]]; then
   on_all_workers "set -e
     [ -d ~/llm_research ] || git clone $(printf '%q' "$REPO_URL") ~/llm_research
     cd ~/llm_research && git pull --ff-only
-    python3.11 -m venv .venv && . .venv/bin/activate && pip install -q -e . 'jax[tpu]'"
+    python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
 fi
 
 # The same command on every worker; jax.distributed.initialize() finds the others.

@@ -319,7 +319,8 @@ def test_linear_impl_is_validated_and_in_base_config():
 
 def train_config(**overrides):
   tc = dict(steps=40, warmup_steps=4, learning_rate=1e-2, final_lr_fraction=0.1,
-            schedule="two_stage", weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0)
+            schedule="two_stage", weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
+            trainable="")
   return ml_collections.ConfigDict({**tc, **overrides})
 
 
@@ -388,8 +389,9 @@ def test_pack_cli_writes_an_inference_run_that_the_sample_cli_serves(tiny_overri
   assert packed_cfg == dataclasses.replace(cfg, linear_impl="ternary_packed")
   assert param_bytes(packed) < param_bytes(params) / 2  # float32 latents -> 2 bits
   tokens = jnp.array([[tokenizer.bos_id] + tokenizer.encode("def main():\n    return 0")])
-  np.testing.assert_allclose(Transformer(packed_cfg).apply({"params": packed}, tokens),
-                             Transformer(cfg).apply({"params": params}, tokens), atol=1e-4)
+  with jax.default_matmul_precision("highest"):  # the fake-quantized dots in float32, not TF32
+    np.testing.assert_allclose(Transformer(packed_cfg).apply({"params": packed}, tokens),
+                               Transformer(cfg).apply({"params": params}, tokens), atol=1e-4)
   capsys.readouterr()
   texts = sample.main(["--workdir", out, "--prompt", "def ", "--temperature", "0"])
   assert f"--- step 3, prompt 'def ' ---\ndef {texts[0]}" in capsys.readouterr().out

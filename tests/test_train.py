@@ -1,5 +1,7 @@
 """Training end to end: the CLI's run record, exact resumption after SIGTERM / SIGKILL / a corrupt
-checkpoint, gradient accumulation, clear errors for bad input, and sampling a trained run.
+checkpoint (and in a relative workdir), gradient accumulation, clear errors for bad input (values,
+a checkpoint the config does not fit, no readable checkpoint), the peak-FLOPs table, and sampling
+a trained run.
 
 Every run here uses the tiny config (tests/tiny_config.py: 6 steps, eval at 3 and 6, checkpoints
 at 3 and 6). The session's compilation cache (conftest.py) makes runs after the first cheap.
@@ -14,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -26,7 +29,7 @@ from conftest import TESTS_DIR, TINY_CONFIG
 from sharding_worker import grad_recorder
 from llm_research import main as cli
 from llm_research import sample, train
-from llm_research.metrics import read_metrics
+from llm_research.metrics import peak_flops_per_device, read_metrics
 from llm_research.models import Transformer
 
 # Every metric the tiny run computes that must repeat exactly on resumption (timings aside).
@@ -119,6 +122,10 @@ def test_cli_run_leaves_config_metrics_tensorboard_and_checkpoints(reference_run
   assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
   assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
   assert final == {k: v for k, v in records[-1].items() if k != "step"}
+  # Step 1 compiled: its time is compile_time_s, and no throughput is claimed for it.
+  assert records[0]["compile_time_s"] > 0
+  assert not {"step_time_s", "tokens_per_s", "mfu"} & set(records[0])
+  assert all(r["step_time_s"] > 0 and "compile_time_s" not in r for r in records[1:])
 
   losses = [r["loss"] for r in records]
   assert losses[-1] < losses[0] - 0.5, losses
@@ -155,6 +162,31 @@ def test_sigterm_then_rerun_continues_the_same_trajectory(reference_run, tiny_ov
   assert second.steps == [3, 4, 5, 6]
   assert_same_trajectory(workdir, reference)
   assert checkpoint_steps(workdir) == [2, 3, 6]
+  records = {r["step"]: r for r in read_metrics(workdir)}
+  assert "compile_time_s" in records[3] and "step_time_s" not in records[3]  # compiled again
+
+
+def test_relative_workdir_trains_saves_and_resumes(reference_run, tiny_overrides, tmp_path,
+                                                   monkeypatch, capsys):
+  reference, _ = reference_run
+  monkeypatch.chdir(tmp_path)
+  args = cli_args(tiny_overrides, "run")  # relative: orbax itself takes absolute paths only
+
+  def preempt(step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with monkeypatch.context() as patch:
+    StepCounter(patch, preempt)
+    cli.main(args)
+  assert "stopped by SIGTERM; saved step 2" in capsys.readouterr().out
+  assert checkpoint_steps(tmp_path / "run") == [2]
+  resumed = StepCounter(monkeypatch)
+  cli.main(args)  # resumes, then samples from the relative workdir
+  assert resumed.steps == [3, 4, 5, 6]
+  assert "sample:\n" in capsys.readouterr().out  # sampled from the relative workdir too
+  assert_same_trajectory(tmp_path / "run", reference)
+  assert checkpoint_steps(tmp_path / "run") == [2, 3, 6]
 
 
 def test_sigkill_then_rerun_resumes_from_last_periodic_checkpoint(reference_run, tiny_overrides,
@@ -213,6 +245,26 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_run_resumes_from_previous(
     assert counter.steps == [4, 5, 6]  # from the good step-3 checkpoint
     assert checkpoint_steps(workdir) == [3, 6]
     assert_same_trajectory(workdir, reference)
+
+
+def test_no_readable_checkpoint_is_an_error_and_moves_nothing(reference_run, tiny_overrides,
+                                                              tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference_run[0], workdir)
+  for step in (3, 6):
+    damage_array_data(os.path.join(workdir, "checkpoints", str(step)))
+  before = snapshot(workdir)
+  counter = StepCounter(monkeypatch)
+  with pytest.raises(SystemExit) as raised:
+    cli.main(cli_args(tiny_overrides, workdir))
+  message = raised.value.code
+  assert message.startswith(f"error: none of the 2 checkpoints in {workdir}/checkpoints can be "
+                            "restored (step 6: "), message
+  assert "nothing was moved. To start this run over from step 0, move" in message
+  assert "\n" not in message
+  assert counter.steps == []  # not silently from step 0
+  assert snapshot(workdir) == before
+  assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
 
 def test_grad_accumulation_gives_the_same_loss_gradients_and_update(tiny_config):
@@ -291,6 +343,109 @@ def test_bad_input_is_a_clear_error_and_leaves_the_workdir_alone(
   assert raised.value.code.startswith("error: ")
   assert message.format(**fill) in raised.value.code
   assert snapshot(existing_run) == before
+
+
+def test_checkpoints_the_config_does_not_fit_are_an_error_and_stay(existing_run, tiny_overrides):
+  # cosine -> two_stage adds a schedule state to the optimizer state: same params, other tree.
+  before = snapshot(existing_run)
+  with pytest.raises(SystemExit) as raised:
+    cli.main(cli_args(tiny_overrides, existing_run, "--config.train.schedule=two_stage"))
+  message = raised.value.code
+  assert message.startswith(f"error: checkpoint 6 in {existing_run}/checkpoints does not fit this "
+                            "config: the optimizer state (opt_state) differs (only in "), message
+  assert "(params) differs" not in message
+  assert ("; config keys changed since the run: train.schedule: 'cosine' there, 'two_stage' here. "
+          "Resume with the run's own config") in message
+  assert "\n" not in message
+  assert snapshot(existing_run) == before  # config.json, metrics.jsonl and checkpoints as they were
+
+
+BAD_VALUES = [
+    (["train.batch_size=0"], "train.batch_size=0 must be at least 1"),
+    (["train.batch_size=-4"], "train.batch_size=-4 must be at least 1"),
+    (["train.steps=-1"], "train.steps=-1 must be at least 1"),
+    (["train.grad_accum=0"], "train.grad_accum=0 must be at least 1"),
+    (["train.log_every=0"], "train.log_every=0 must be at least 1"),
+    (["train.eval_every=0"], "train.eval_every=0 must be at least 1"),
+    (["train.checkpoint_every=0"], "train.checkpoint_every=0 must be at least 1"),
+    (["train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be at least 1"),
+    (["train.learning_rate=-0.001"], "train.learning_rate=-0.001 must not be negative"),
+    (["train.warmup_steps=-1"], "train.warmup_steps=-1 must not be negative"),
+    (["train.final_lr_fraction=1.5"], "train.final_lr_fraction=1.5 must be in [0, 1]"),
+    (["train.final_lr_fraction=-0.1"], "train.final_lr_fraction=-0.1 must be in [0, 1]"),
+    (["train.schedule=cosin"], "train.schedule='cosin' is not 'cosine', 'linear' or 'two_stage'"),
+    (["data.seq_len=0"], "data.seq_len=0 must be at least 1"),
+    (["data.source=hf"], "data.source='hf' is not 'stdlib', 'tfds' or 'text_dir'"),
+    (["data.tokenizer=bpe"], "data.tokenizer='bpe' is not 'sentencepiece' or 'byte'"),
+    (["data.tokenizer=sentencepiece", "data.vocab_size=2"],
+     "data.vocab_size=2 is too small for data.tokenizer='sentencepiece'"),
+    (["sample.top_p=0.0"], "sample.top_p=0.0 must be in (0, 1] (1 is off)"),
+    (["train.trainable=lora_("], "train.trainable='lora_(' is not a regular expression"),
+    (["model.head_dim=0"], "model.head_dim=0 must be at least 1"),
+    (["model.num_layers=0"], "model.num_layers=0 must be at least 1"),
+    (["model.name=gpt5"], "model.name='gpt5' is not a registered model"),
+    (["model.attention_impl=pallas", "model.dtype=float16", "model.head_dim=64"],
+     "model.attention_impl='pallas' takes dtype float32 or bfloat16, not 'float16'"),
+    (["model.attention_impl=pallas"], "model.attention_impl='pallas' takes head_dim in"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_VALUES,
+                         ids=["+".join(overrides) for overrides, _ in BAD_VALUES])
+def test_bad_value_is_one_line_naming_the_key_before_anything_runs(
+    overrides, message, existing_run, tiny_overrides, tmp_path):
+  before = snapshot(existing_run)
+  for workdir in (existing_run, tmp_path / "new_run"):
+    with pytest.raises(SystemExit) as raised:
+      cli.main(cli_args([*tiny_overrides, *overrides], workdir))
+    assert raised.value.code.startswith(f"error: {message}"), raised.value.code
+    assert "\n" not in raised.value.code
+  assert snapshot(existing_run) == before
+  assert not (tmp_path / "new_run").exists()
+
+
+def test_sentencepiece_vocab_too_small_for_the_corpus_is_one_line(tiny_overrides, tmp_path):
+  # Room for the 256 byte and 4 special pieces, not for the tiny corpus's characters as well.
+  with pytest.raises(SystemExit) as raised:
+    cli.main(cli_args([*tiny_overrides, "data.tokenizer=sentencepiece", "data.vocab_size=261"],
+                      tmp_path / "run"))
+  assert raised.value.code.startswith("error: data.vocab_size=261 is too small for this corpus: "
+                                      "SentencePiece needs at least "), raised.value.code
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--max_new_tokens=-5", "--max_new_tokens=-5 must not be negative"),
+    ("--temperature=-0.5", "--temperature=-0.5 must not be negative (0 is greedy)"),
+    ("--top_k=-1", "--top_k=-1 must not be negative (0 is off)"),
+    ("--top_p=0", "--top_p=0.0 must be in (0, 1] (1 is off)"),
+    ("--top_p=1.5", "--top_p=1.5 must be in (0, 1] (1 is off)"),
+])
+def test_sample_cli_refuses_bad_arguments_in_one_line(flag, message, reference_run):
+  with pytest.raises(SystemExit) as raised:
+    sample.main(["--workdir", reference_run[0], flag])
+  assert raised.value.code == f"error: {message}"
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5", 459e12),  # v5p
+    ("TPU v6 lite", 918e12),  # v6e
+    ("cpu", None),
+    ("NVIDIA H1000", None),  # a prefix of the name is not a match
+])
+def test_peak_flops_takes_the_most_specific_device_kind(kind, peak, monkeypatch):
+  monkeypatch.setattr(jax, "devices", lambda *_: [types.SimpleNamespace(device_kind=kind)])
+  assert peak_flops_per_device() == peak
+  assert peak_flops_per_device(123e12) == 123e12  # train.peak_flops_per_device wins
 
 
 def test_mistyped_key_in_an_experiment_file_is_one_line(tmp_path):

@@ -27,6 +27,7 @@ and none is predicted across documents. Batches are dicts of int32 [local_batch,
 """
 import os
 import pathlib
+import re
 import zlib
 
 import grain
@@ -249,4 +250,12 @@ def get_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
     return SentencePieceTokenizer(model_path)
   source = load_source(data_config, "train")
   texts = (document_text(source[index]) for index in range(len(source)))
-  return train_sentencepiece(texts, data_config.vocab_size, model_path)
+  try:
+    return train_sentencepiece(texts, data_config.vocab_size, model_path)
+  except RuntimeError as error:  # more distinct characters in the corpus than pieces
+    needed = re.search(r"required_chars\. (\d+) vs (\d+)", str(error))
+    if not needed:
+      raise
+    raise ConfigError(f"data.vocab_size={data_config.vocab_size} is too small for this corpus: "
+                      f"SentencePiece needs at least {needed.group(2)} pieces (256 bytes, 4 "
+                      "special pieces and one per distinct character)") from None

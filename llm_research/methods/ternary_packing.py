@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_research.kernels.ternary_matmul import unpack_plane
-from llm_research.models import Transformer, TransformerConfig
+from llm_research.models import TransformerConfig
 from llm_research.models.bitlinear import quantize_weights
 
 
@@ -53,10 +53,10 @@ def pack_params(config: TransformerConfig, params) -> tuple[TransformerConfig, d
   return packed_config, _convert(abstract_params(packed_config), nn.meta.unbox(params), "params")
 
 
-def abstract_params(config: TransformerConfig) -> dict:
-  """The params of `config`'s Transformer as jax.ShapeDtypeStructs (nothing is allocated)."""
+def abstract_params(config) -> dict:
+  """The params of `config`'s model as jax.ShapeDtypeStructs (nothing is allocated)."""
   return nn.meta.unbox(jax.eval_shape(
-      Transformer(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+      config.make_model().init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
 
 
 def _convert(target, source, path: str):

@@ -55,16 +55,17 @@ class TransformerConfig:
   def __post_init__(self):
     def check(ok, msg):
       if not ok:
-        raise ConfigError(f"model config: {msg}")
+        raise ConfigError(f"model.{msg}")
     for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
                  "head_dim", "mlp_dim", "lora_heads"):
       check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
     check(self.num_heads % self.num_kv_heads == 0,
           f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
     check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for rotary")
-    check(self.rope_theta > 0 and self.norm_eps > 0, "rope_theta and norm_eps must be positive")
-    check(self.lora_rank >= 0 and self.lora_alpha > 0,
-          f"lora_rank={self.lora_rank} must be >= 0 and lora_alpha={self.lora_alpha} > 0")
+    for name in ("rope_theta", "norm_eps"):
+      check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+    check(self.lora_rank >= 0, f"lora_rank={self.lora_rank} must not be negative (0: no LoRA)")
+    check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be positive")
     for name, value, allowed in (("dtype", self.dtype, DTYPES),
                                  ("remat_policy", self.remat_policy, REMAT_POLICIES),
                                  ("attention_impl", self.attention_impl,
