@@ -7,6 +7,7 @@ import signal
 import time
 from typing import Any, Callable, NamedTuple
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,7 @@ def _batch_losses(params, model, batch, z_loss):
   """(objective, sums) over one batch's tokens: sums are the NLL, the token count and, per
   auxiliary loss the model sows, that loss times the token count (so that dividing by the
   whole batch's count weighs micro-batches by their tokens, like the NLL)."""
+  chex.assert_equal_shape([batch[k] for k in ("inputs", "targets", "segment_ids", "positions")])
   logits, variables = model.apply(
       {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
       mutable=[AUX_LOSS])

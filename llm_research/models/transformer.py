@@ -8,6 +8,7 @@ named policy. Projections are `Linear`s of base `linear_impl`, with LoRA adapter
 """
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,9 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
+    chex.assert_rank(tokens, 2)
+    chex.assert_equal_shape([tokens, positions, segment_ids])
+    chex.assert_type([tokens, positions, segment_ids], int)
     embedding = self.param(
         "embedding",
         nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
