@@ -6,9 +6,10 @@
 
 Times the jitted, sharded train step on synthetic tokens (the data pipeline is measured by its
 own tests), median over `--steps` after a warm-up. The peer, measured in the same run, is the
-device's own large-matmul FLOP/s (8192^3 on an accelerator: a 4096^3 one reads noisy and low): `ratio` is the model's achieved FLOP/s over it. MFU is against
-the datasheet peak where the device kind is known (none on CPU). `--compile_depths` compiles the
-step at several depths with and without scan over layers: scanned compile time should stay flat.
+device's own large-matmul FLOP/s (8192^3 on an accelerator; a 4096^3 one reads low and noisy):
+`ratio` is the model's achieved FLOP/s over it. MFU is against the datasheet peak where the
+device kind is known (none on CPU). `--compile_depths` compiles the step at several depths with
+and without scan over layers: scanned compile time should stay flat.
 """
 import argparse
 import time
