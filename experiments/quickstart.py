@@ -13,7 +13,13 @@ def get_config():
   config.model.update(num_layers=4, embed_dim=256, num_heads=4, num_kv_heads=2, head_dim=64,
                       mlp_dim=704)
   config.data.update(source="stdlib", tokenizer="sentencepiece", vocab_size=4096, seq_len=256)
-  config.train.update(steps=300, batch_size=16, learning_rate=3e-3, warmup_steps=30,
-                      log_every=10, eval_every=100, eval_batches=16, checkpoint_every=100)
-  config.sample.update(prompt="def ", max_new_tokens=96)
+  # 8 rows a step: for the same tokens, a lower loss than 16 or 4 rows a step.
+  # eval_batches x batch_size: 256 validation rows.
+  config.train.update(steps=750, batch_size=8, learning_rate=6e-3, warmup_steps=75,
+                      log_every=10, eval_every=250, eval_batches=32, checkpoint_every=250)
+  # The prompt ends where a token ends (a line's indentation): "def " would end on a lone space
+  # piece, which in this corpus mostly comes before digits. A cooler temperature keeps to code.
+  config.sample.update(
+      prompt="import os\n\n\nclass Reader:\n\n    def __init__(self, path):\n        ",
+      max_new_tokens=96, temperature=0.5, top_k=40, top_p=1.0, seed=0)
   return config

@@ -37,20 +37,36 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="cosine", final_lr_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.95,
       grad_clip=1.0, z_loss=0.0, seed=0,
       trainable="",  # regex over param paths ('layers/attn/query/lora_a'): only those train
+      # A new run starts from this workdir's newest params, converted by the surgery the two
+      # model configs imply (depth up-scaling, MoE upcycling), with a fresh optimizer.
+      init_from="",
+      method="standard",  # or "lte" (LoRA-the-Explorer, llm_research/methods/lte.py: `lte`)
 
       log_every=10, eval_every=200, eval_batches=16,
       checkpoint_every=200, keep_checkpoints=3, async_checkpoints=True,
       peak_flops_per_device=0.0,  # 0: look it up by device kind (unknown on CPU: no MFU)
       progress_bar=True))
 
+  # LTE (train.method="lte"): `heads` LoRA heads of rank `rank` (0: the smallest with heads x
+  # rank >= model.embed_dim), s = alpha / rank, merged every `merge_every` steps. The adapters
+  # train at `learning_rate` (0: train.learning_rate / s), the replicas of the other params
+  # (norms, embeddings) at train.learning_rate. `main_dtype` holds the main weights on the
+  # devices (bfloat16: with a float32 master, updated at merges); `mesh_axis` spreads the heads.
+  c.lte = ml_collections.ConfigDict(dict(
+      heads=4, rank=0, alpha=4096.0, merge_every=10, learning_rate=0.0, main_dtype="float32",
+      mesh_axis="data"))
+
   # Mesh axes; one may be -1 (fills the devices left). Rules map logical axes to mesh axes in
   # priority order: a mesh axis already used by an earlier rule in the same array is skipped.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  # `expert` holds the MoE experts (params and dispatched tokens) and splits the rows like a data
+  # axis everywhere else (a later rule for the same name applies where an earlier one cannot).
   c.logical_axis_rules = [
+      ("expert", "expert"),
+      ("batch", ("data", "fsdp", "expert")),
       ("batch", ("data", "fsdp")),
       ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
       ("embed", "fsdp"),
-      ("expert", "expert"),
       ("length", None), ("head_dim", None), ("layers", None),
       ("lora_heads", None), ("lora_rank", None),
   ]

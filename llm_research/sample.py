@@ -37,7 +37,7 @@ def load_run(workdir: str):
   checkpointer.close()
   if state is None:
     raise ConfigError(f"{workdir!r} has no checkpoint to sample from")
-  return config, tokenizer, trainer.model_config, state.params, step
+  return config, tokenizer, trainer.model_config, trainer.model_params(state), step
 
 
 def sample_texts(config, tokenizer, model_config, params, prompts, **overrides) -> list[str]:
@@ -49,7 +49,13 @@ def sample_texts(config, tokenizer, model_config, params, prompts, **overrides) 
                         rng=jax.random.key(settings["seed"]),
                         temperature=settings["temperature"], top_k=settings["top_k"],
                         top_p=settings["top_p"], eos_id=tokenizer.eos_id)
-  return [tokenizer.decode(tokens) for tokens in new]
+  # Decoded after the prompt, not alone: SentencePiece drops the leading space of the first
+  # piece of a sequence, which would eat the space between the prompt and its continuation.
+  texts = []
+  for prompt_ids, tokens in zip(encoded, new):
+    prompt, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + tokens)
+    texts.append(full[len(prompt):] if full.startswith(prompt) else tokenizer.decode(tokens))
+  return texts
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ axes (data, fsdp, tensor, expert). Works the same for one process or many (one p
 """
 import contextlib
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -111,3 +112,55 @@ def shard_batch(local_batch: dict, mesh: Mesh, rules) -> dict:
   sharding = batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+
+_COLLECTIVE = re.compile(  # an instruction: name = result-type collective(operands)
+    r"^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s"
+    r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[a-z][a-z0-9]*)\[([\d,]*)\]")
+
+
+def collective_bytes(hlo_text: str, *, in_conditionals: bool | None = None) -> dict[str, int]:
+  """{collective: bytes} a compiled program (`.compile().as_text()`) moves per run on one
+  device: each cross-device collective's result size, times the trip count of the while loops
+  around it (a scanned layer's gradient all-reduce counts once per layer), summed by kind (an
+  async pair counted at its start).
+
+  `in_conditionals`: only the collectives inside (True) or outside (False) the branches of the
+  program's conditionals, e.g. of an after-step hook that runs every T steps; None: all (both
+  branches of a conditional count, taken or not).
+  """
+  computations: dict[str, list[str]] = {}  # name -> its instruction lines
+  entry, lines = None, None
+  for line in hlo_text.splitlines():
+    header = re.match(r"(ENTRY\s+)?%([\w.\-]+)\s.*\{$", line)
+    if header:
+      lines = computations.setdefault(header.group(2), [])
+      entry = header.group(2) if header.group(1) else entry
+    elif line.startswith("}"):
+      lines = None
+    elif lines is not None:
+      lines.append(line)
+  totals: dict[str, int] = {}
+
+  def visit(name: str, times: int, conditional: bool) -> None:
+    for line in computations[name]:
+      match = _COLLECTIVE.match(line)
+      if match and in_conditionals in (None, conditional):
+        result, kind = match.groups()
+        size = 0
+        for dtype, dims in _ARRAY.findall(result):
+          bits = 8 if dtype == "pred" else int(re.search(r"\d+", dtype).group())
+          size += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+        totals[kind] = totals.get(kind, 0) + times * size
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+      inner = times * (int(trips.group(1)) if trips and re.search(r"\swhile\(", line) else 1)
+      branch = conditional or bool(re.search(r"\sconditional\(", line))
+      for called in re.findall(r"%([\w.\-]+)", line.split("metadata=")[0]):
+        if called in computations and called != name:
+          visit(called, inner, branch)
+
+  if entry is not None:
+    visit(entry, 1, False)
+  return totals

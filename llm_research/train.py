@@ -16,13 +16,13 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from llm_research import data, sharding
+from llm_research import data, init_from, sharding
 from llm_research.data import ByteTokenizer
 from llm_research.checkpoints import Checkpointer
 from llm_research.config import ConfigError
 from llm_research.metrics import MetricsWriter, peak_flops_per_device
 from llm_research.models import registry
-from llm_research.models.stack import AUX_LOSS, collect_aux_losses
+from llm_research.models.stack import AUX_LOSS, METRICS, collect_aux_losses
 
 
 @struct.dataclass
@@ -85,8 +85,11 @@ def trainable_mask(params, pattern: str):
   """True for the params `train.trainable` selects: those whose path ('layers/mlp/up/lora_a')
   matches the regular expression `pattern` (re.search); every param when it is empty."""
   regex = re.compile(pattern) if pattern else None
+  # A boxed param (nn.Partitioned, as the optimizer sees it at init) is one leaf: its path
+  # is the param's own, not '.../value'.
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: regex is None or bool(regex.search(param_path(path))), params)
+      lambda path, _: regex is None or bool(regex.search(param_path(path))), params,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def make_optimizer(tc) -> optax.GradientTransformation:
@@ -117,18 +120,20 @@ def token_losses(logits, targets, weights, z_loss: float = 0.0):
 
 
 def _batch_losses(params, model, batch, z_loss):
-  """(objective, sums) over one batch's tokens: sums are the NLL, the token count and, per
-  auxiliary loss the model sows, that loss times the token count (so that dividing by the
-  whole batch's count weighs micro-batches by their tokens, like the NLL)."""
+  """(objective, sums) over one batch's tokens: sums are the NLL, the token count, per
+  auxiliary loss the model sows that loss times the token count (so that dividing by the
+  whole batch's count weighs micro-batches by their tokens, like the NLL), and the metrics it
+  sows (`sow_metric`: counts, summed over micro-batches as they are)."""
   chex.assert_equal_shape([batch[k] for k in ("inputs", "targets", "segment_ids", "positions")])
   logits, variables = model.apply(
       {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-      mutable=[AUX_LOSS])
+      mutable=[AUX_LOSS, METRICS])
   objective, nll, count = token_losses(logits, batch["targets"], batch["segment_ids"] > 0,
                                        z_loss)
   aux = {f"aux_loss/{name}": value * count
          for name, value in collect_aux_losses(variables).items()}
-  return objective + sum(aux.values()), {"nll": nll, "count": count, **aux}
+  return objective + sum(aux.values()), {"nll": nll, "count": count, **aux,
+                                          **collect_aux_losses(variables, METRICS)}
 
 
 def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, grad_accum: int,
@@ -139,22 +144,8 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, gr
   The gradient is that of the mean token loss (plus the auxiliary losses) over the whole
   batch, however it is split.
   """
-  if grad_accum == 1:
-    grads, sums = _grads_and_sums(state.params, model, batch, z_loss)
-  else:
-    # [batch, ...] -> [grad_accum, batch / grad_accum, ...], keeping each device's rows local.
-    micro = jax.tree.map(
-        lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
-        batch)
-
-    def accumulate(carry, micro_batch):
-      return jax.tree.map(jnp.add, carry,
-                          _grads_and_sums(state.params, model, micro_batch, z_loss)), None
-
-    shapes = jax.eval_shape(lambda b: _grads_and_sums(state.params, model, b, z_loss),
-                            jax.tree.map(lambda x: x[0], micro))
-    zeros = jax.tree.map(jnp.zeros_like, shapes)
-    (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+  grads, sums = accumulated(lambda b: _grads_and_sums(state.params, model, b, z_loss), batch,
+                            grad_accum)
   count = jnp.maximum(sums.pop("count"), 1.0)
   # Frozen params' gradients are zeros (constants: XLA drops the work that computed them).
   grads = jax.tree.map(lambda g, t: g / count if t else jnp.zeros_like(g), grads,
@@ -162,11 +153,37 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, gr
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  for hook in hooks:
-    new_state = jax.lax.cond(new_state.step % hook.every == 0, hook.fn, lambda s: s, new_state)
+  new_state = apply_hooks(new_state, hooks)
   metrics = {"loss": sums.pop("nll") / count, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(state.step), **{k: v / count for k, v in sums.items()}}
+             "learning_rate": schedule(state.step),
+             **{k: v / count if k.startswith("aux_loss/") else v for k, v in sums.items()}}
   return new_state, metrics
+
+
+def accumulated(grads_and_sums: Callable, batch: dict, grad_accum: int):
+  """`grads_and_sums(batch)` (a pytree of sums), summed over `grad_accum` micro-batches of
+  `batch` under a scan: micro-batch k holds rows k, k + grad_accum, ... (each device's rows stay
+  local)."""
+  if grad_accum == 1:
+    return grads_and_sums(batch)
+  # [batch, ...] -> [grad_accum, batch / grad_accum, ...]
+  micro = jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+      batch)
+
+  def accumulate(carry, micro_batch):
+    return jax.tree.map(jnp.add, carry, grads_and_sums(micro_batch)), None
+
+  shapes = jax.eval_shape(grads_and_sums, jax.tree.map(lambda x: x[0], micro))
+  total, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, shapes), micro)
+  return total
+
+
+def apply_hooks(state: TrainState, hooks: tuple[AfterStepHook, ...]) -> TrainState:
+  """Runs each hook due at `state.step` (a multiple of its `every`), in order."""
+  for hook in hooks:
+    state = jax.lax.cond(state.step % hook.every == 0, hook.fn, lambda s: s, state)
+  return state
 
 
 def _grads_and_sums(params, model, batch, z_loss):
@@ -194,6 +211,8 @@ def checked_mesh(config) -> jax.sharding.Mesh:
       tc.batch_size // tc.grad_accum, mesh, rules,
       what=f"the micro-batch of train.batch_size={tc.batch_size} / "
            f"train.grad_accum={tc.grad_accum} = {tc.batch_size // tc.grad_accum} rows")
+  if tc.method == "lte":  # the heads fit the mesh, and split the batch
+    method_class("lte").check_mesh(config, mesh)
   return mesh
 
 
@@ -225,6 +244,7 @@ def check_config_values(config) -> None:
   except re.error as error:
     raise ConfigError(f"train.trainable={tc.trainable!r} is not a regular expression: "
                       f"{error}") from None
+  need(tc.method in METHODS, "train.method", f"is not one of {METHODS}")
   need(dc.source in ("stdlib", "tfds", "text_dir"), "data.source",
        "is not 'stdlib', 'tfds' or 'text_dir'")
   need(dc.source != "stdlib" or dc.stdlib_config in ("full", "tiny"), "data.stdlib_config",
@@ -242,11 +262,59 @@ def check_config_values(config) -> None:
   need(sc.top_k >= 0, "sample.top_k", "must not be negative (0 is off)")
   need(0 < sc.top_p <= 1, "sample.top_p", "must be in (0, 1] (1 is off)")
   # The model's own checks (its config class), at the vocab the tokenizer will have.
-  model_config_from(config, ByteTokenizer.vocab_size if dc.tokenizer == "byte" else dc.vocab_size)
+  model_config = model_config_from(
+      config, ByteTokenizer.vocab_size if dc.tokenizer == "byte" else dc.vocab_size)
+  if tc.method == "lte":  # the lte section, for this model
+    method_class("lte").check_config(config, model_config)
+
+
+class Standard:
+  """`train.method="standard"`: the model's params trained directly by `train_step`.
+
+  The method seam: a method gives the Trainer its logical-axis `rules`, `init(params_key,
+  state_key)` (a boxed TrainState), `step(state, batch) -> (state, metrics)` (hooks included),
+  `trained(params)` (the tree train.trainable selects from), `model_params` (None, or a function
+  of state.params giving the model's params to eval and sampling) and
+  `model_param_shardings(params_shardings)`. `llm_research.methods.lte.LTE` is the other.
+  """
+
+  model_params = None  # state.params are the model's params
+
+  def __init__(self, trainer: "Trainer", hooks: tuple[AfterStepHook, ...] = ()):
+    tc = trainer.config.train
+    self.model, self.optimizer = trainer.model, trainer.optimizer
+    self.seq_len = trainer.config.data.seq_len
+    self.rules = sharding.rules_from_config(trainer.config)
+    self.step = functools.partial(train_step, model=self.model, optimizer=self.optimizer,
+                                  schedule=learning_rate_schedule(tc), grad_accum=tc.grad_accum,
+                                  z_loss=tc.z_loss, trainable=tc.trainable, hooks=tuple(hooks))
+
+  def init(self, params_key, state_key) -> TrainState:
+    params = self.model.init(params_key, jnp.zeros((1, self.seq_len), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params), rng=jax.random.key_data(state_key))
+
+  def trained(self, params):
+    return params
+
+  def model_param_shardings(self, params_shardings):
+    return params_shardings
+
+
+METHODS = ("standard", "lte")
+
+
+def method_class(name: str) -> type:
+  """The class of `train.method=name` (Standard, or methods/lte.py's LTE)."""
+  if name == "lte":
+    from llm_research.methods import lte  # lte builds on this module: imported when used
+    return lte.LTE
+  return Standard
 
 
 class Trainer:
-  """Everything a run needs, built from its config: model, mesh, optimizer, compiled steps.
+  """Everything a run needs, built from its config: model, mesh, optimizer, the training
+  method (`train.method`), compiled steps.
 
   `hooks` (AfterStepHook) run inside the compiled step, after the updates they are due at.
   """
@@ -258,37 +326,53 @@ class Trainer:
     self.model_config = model_config_from(config, tokenizer.vocab_size)
     self.model = self.model_config.make_model()
     self.mesh = checked_mesh(config)
-    self.rules = sharding.rules_from_config(config)
     self.optimizer = make_optimizer(tc)
+    self.method = method_class(tc.method)(self, tuple(hooks))
+    self.rules = self.method.rules
     abstract = jax.eval_shape(self._init_boxed)
-    if not any(jax.tree.leaves(trainable_mask(nn.meta.unbox(abstract.params), tc.trainable))):
-      paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-          nn.meta.unbox(abstract.params))]
+    trained = nn.meta.unbox(self.method.trained(abstract.params))
+    if not any(jax.tree.leaves(trainable_mask(trained, tc.trainable))):
+      paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(trained)]
       raise ConfigError(f"train.trainable={tc.trainable!r} matches no param (they are "
                         f"{', '.join(paths[:6])}, ...)")
     self.state_shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
+    self.params_shardings = self.method.model_param_shardings(self.state_shardings.params)
     batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
-    step = functools.partial(train_step, model=self.model, optimizer=self.optimizer,
-                             schedule=learning_rate_schedule(tc), grad_accum=tc.grad_accum,
-                             z_loss=tc.z_loss, trainable=tc.trainable, hooks=tuple(hooks))
-    self._train_step = jax.jit(step, in_shardings=(self.state_shardings, batch_sharding),
+    self._train_step = jax.jit(self.method.step,
+                               in_shardings=(self.state_shardings, batch_sharding),
                                out_shardings=(self.state_shardings, None), donate_argnums=0)
     self._eval_step = jax.jit(functools.partial(eval_step, model=self.model),
-                              in_shardings=(self.state_shardings.params, batch_sharding))
+                              in_shardings=(self.params_shardings, batch_sharding))
+    self._model_params = None if self.method.model_params is None else jax.jit(
+        self.method.model_params, in_shardings=(self.state_shardings.params,),
+        out_shardings=self.params_shardings)
 
   def _init_boxed(self) -> TrainState:
-    tc = self.config.train
-    params_key, state_key = jax.random.split(jax.random.key(tc.seed))
-    tokens = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
-    params = self.model.init(params_key, tokens)["params"]
+    params_key, state_key = jax.random.split(jax.random.key(self.config.train.seed))
+    return self.method.init(params_key, state_key)
+
+  def model_params(self, state: TrainState):
+    """The model's params in `state`, which eval and sampling read: `state.params` itself,
+    or what the method makes of them (LTE: the main params, merged)."""
+    if self._model_params is None:
+      return state.params
+    with sharding.activate(self.mesh, self.rules):
+      return self._model_params(state.params)
+
+  def init_state(self, params=None) -> TrainState:
+    """A fresh state, created already sharded (no host holds a full copy); with `params`
+    (e.g. another run's, converted: train.init_from), those at step 0 with a fresh optimizer."""
+    with sharding.activate(self.mesh, self.rules):
+      if params is None:
+        return jax.jit(lambda: nn.meta.unbox(self._init_boxed()),
+                       out_shardings=self.state_shardings)()
+      params = jax.device_put(params, self.state_shardings.params)
+      return jax.jit(self._state_with, out_shardings=self.state_shardings)(params)
+
+  def _state_with(self, params) -> TrainState:
+    _, state_key = jax.random.split(jax.random.key(self.config.train.seed))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.optimizer.init(params), rng=jax.random.key_data(state_key))
-
-  def init_state(self) -> TrainState:
-    """A fresh state, created already sharded (no host holds a full copy)."""
-    with sharding.activate(self.mesh, self.rules):
-      return jax.jit(lambda: nn.meta.unbox(self._init_boxed()),
-                     out_shardings=self.state_shardings)()
 
   def abstract_state(self) -> TrainState:
     shapes = nn.meta.unbox(jax.eval_shape(self._init_boxed))
@@ -352,9 +436,11 @@ class _Preemption:
 
 def shape_keys(config) -> tuple[str, ...]:
   """The keys that fix the shapes of a run's checkpoints (a workdir's run keeps them): the
-  model, its shape fields (registry.shape_field), the tokenizer."""
+  model, its shape fields (registry.shape_field), the tokenizer; the training method, and
+  LTE's heads, rank and main dtype."""
+  lte = ("lte.heads", "lte.rank", "lte.main_dtype") if config.train.method == "lte" else ()
   return (("model.name",) + tuple(f"model.{k}" for k in registry.shape_keys(config.model.name))
-          + ("data.tokenizer", "data.vocab_size"))
+          + ("data.tokenizer", "data.vocab_size", "train.method") + lte)
 
 
 def check_same_shapes(config, workdir: str) -> None:
@@ -386,13 +472,22 @@ def train_and_evaluate(config, workdir: str, hooks: tuple[AfterStepHook, ...] = 
 
   The first step after a start or resume compiles: its wall time is the first record's
   `compile_time_s`, and `step_time_s`, `tokens_per_s` and `mfu` time only the steps after it.
+
+  A new run with `train.init_from` starts from that run's params (llm_research.init_from).
   """
   tc = config.train
   check_config_values(config)
   check_same_shapes(config, workdir)
   checked_mesh(config)  # before the data and tokenizer, which may take minutes to build
+  source = None
+  if tc.init_from and not init_from.has_checkpoints(workdir):
+    source = init_from.check(config)
   tokenizer = data.get_tokenizer(config.data)
   trainer = Trainer(config, tokenizer, hooks)
+  initial_params = None
+  if source is not None:
+    initial_params = init_from.initial_params(source, trainer.model_config, trainer.mesh,
+                                              trainer.rules, seed=tc.seed)
   train_iter = data.make_train_iterator(
       config.data, tokenizer, global_batch_size=tc.batch_size, seed=config.data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -407,7 +502,9 @@ def train_and_evaluate(config, workdir: str, hooks: tuple[AfterStepHook, ...] = 
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   if state is None:
-    state = trainer.init_state()
+    state = trainer.init_state(initial_params)
+    if source is not None:
+      print(f"starting from the params of {source.workdir} (step {source.step})")
   writer = MetricsWriter(workdir)
   writer.truncate_after(start)
   if start >= tc.steps:
@@ -441,7 +538,7 @@ def train_and_evaluate(config, workdir: str, hooks: tuple[AfterStepHook, ...] = 
           if peak:
             record["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
         if step % tc.eval_every == 0 or is_last:
-          record.update(trainer.evaluate(state.params, tc.eval_batches))
+          record.update(trainer.evaluate(trainer.model_params(state), tc.eval_batches))
         writer.write(step, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
         interval_start, interval_steps = time.perf_counter(), 0

@@ -6,9 +6,10 @@ Imported by the test (one CPU device: the reference) and run as a subprocess on 
 
 The subprocess runs `STEPS` real train steps (`Trainer.step`: sharded init, sharded batches, the
 jitted step with its in/out shardings) under each mesh of `MESHES`, and saves per mesh the
-losses, the first step's full gradient, the final params, how params and grads are laid out,
-and the all-gathers in the compiled step; plus the messages of the configs 8 devices cannot
-run. The one-device side runs each model variant of `VARIANTS` that a mesh uses.
+losses (and MoE's dropped tokens), the first step's full gradient, the final params, how params
+and grads are laid out, and the all-gathers and all-to-alls in the compiled step; plus the
+messages of the configs 8 devices cannot run. The one-device side runs each model variant of
+`VARIANTS` that a mesh uses.
 """
 import json
 import os
@@ -34,14 +35,17 @@ STEPS = 3
 VARIANTS = {
     "xla": [],
     "pallas": ["model.attention_impl=pallas", "model.head_dim=64"],
+    # MoE through the capacity path (capacity 16 of 32 tokens a row: some copies dropped).
+    "moe": ["model.mlp_impl=moe", "model.num_experts=4", "model.capacity_factor=1.0"],
 }
 MESH_3D = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-MESHES = {  # name -> (model variant, overrides); batch_size 8 splits over data x fsdp in each
+MESHES = {  # name -> (model variant, overrides); batch_size 8 splits over the batch axes in each
     "data8": ("xla", ["mesh.data=8"]),
     "data2_fsdp2_tensor2": ("xla", MESH_3D),
     "fsdp4_tensor2": ("xla", ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]),
     "data4_tensor2_accum2": ("xla", ["mesh.data=-1", "mesh.tensor=2", "train.grad_accum=2"]),
     "data2_fsdp2_tensor2_pallas": ("pallas", MESH_3D),
+    "data4_expert2_moe": ("moe", ["mesh.data=4", "mesh.expert=2"]),
 }
 # The XLA attention at the Pallas variant's sizes and mesh: all-gathers the kernel may not exceed.
 XLA_YARDSTICK = MESH_3D + ["model.head_dim=64"]
@@ -98,10 +102,11 @@ def run(overrides=()) -> dict:
   compiled = trainer.lower_step(state, first_batch).compile().as_text()
   init_layout = {name: (str(leaf.sharding.spec), leaf.addressable_shards[0].data.shape)
                  for name, leaf in flatten(state.params).items() if name in WATCHED}
-  losses, grads = [], None
+  losses, grads, dropped = [], None, []
   for batch in batches(config, STEPS):
     state, metrics = trainer.step(state, batch)
     losses.append(float(metrics["loss"]))
+    dropped.append(float(metrics.get("moe_dropped_tokens", 0)))
     if grads is None:
       grads = flatten(state.opt_state[1])
       grad_layout = {name: str(grads[name].sharding.spec) for name in WATCHED}
@@ -109,7 +114,11 @@ def run(overrides=()) -> dict:
   return {"mesh": dict(trainer.mesh.shape), "losses": losses, "grads": grads,
           "params": {name: np.asarray(p) for name, p in flatten(state.params).items()},
           "init_layout": init_layout, "grad_layout": grad_layout,
-          "all_gathers": len(re.findall(r"\ball-gather(?:-start)?\(", compiled))}
+          "all_gathers": len(re.findall(r"\ball-gather(?:-start)?\(", compiled)),
+          "all_to_alls": len(re.findall(r"\ball-to-all(?:-start)?\(", compiled)),
+          "all_gather_shapes": re.findall(r"= \(?\w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(",
+                                          compiled),
+          "dropped_tokens": dropped}
 
 
 def packed_logits(mesh_overrides=()) -> np.ndarray:
@@ -128,6 +137,29 @@ def packed_logits(mesh_overrides=()) -> np.ndarray:
     apply = jax.jit(lambda p, t: model.apply({"params": p}, t),
                     in_shardings=(shardings, sharding.batch_sharding(mesh, rules)))
     return np.asarray(apply(jax.device_put(packed, shardings), tokens))
+
+
+def dropless_moe_grads(mesh_overrides=()) -> dict:
+  """Output and gradients (params and input) of one dropless MoE layer (per device in
+  shard_map under a mesh, the experts' weights gathered) on fixed inputs."""
+  from llm_research.models.moe import MoE
+  config = config_lib.load_config(TINY_CONFIG, ["model.mlp_impl=moe", "model.num_experts=4",
+                                                *mesh_overrides])
+  layer = MoE(train.model_config_from(config, ByteTokenizer.vocab_size))
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(8, 32, 32)), jnp.float32)
+  probe = jnp.asarray(np.random.default_rng(4).normal(size=(8, 32, 32)), jnp.float32)
+  boxed = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+  params = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"])
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  loss = lambda p, x: jnp.sum(layer.apply({"params": p}, x) * probe)
+  with sharding.activate(mesh, rules):
+    rows = sharding.batch_sharding(mesh, rules)
+    value, (grads, x_grad) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)),
+                                     in_shardings=(shardings, rows))(
+        jax.device_put(params, shardings), jax.device_put(x, rows))
+  return {"loss": np.asarray(value), "x": np.asarray(x_grad),
+          **{name: np.asarray(g) for name, g in flatten(grads).items()}}
 
 
 def refusals(workdir: str) -> dict:
@@ -157,6 +189,8 @@ def main(out_path: str, workdir: str):
   arrays, summary = {}, {"refusals": refusals(workdir),
                          "xla_yardstick_all_gathers": run(XLA_YARDSTICK)["all_gathers"]}
   arrays["packed_logits"] = packed_logits(MESH_3D)
+  for name, value in dropless_moe_grads(["mesh.data=4", "mesh.expert=2"]).items():
+    arrays[f"dropless_moe|{name}"] = value
   for name, result in results.items():
     for kind in ("grads", "params"):
       for leaf, value in result.pop(kind).items():

@@ -148,7 +148,7 @@ def test_sampling_truncations():
     (dict(num_layers=0), "model.num_layers=0 must be at least 1"),
     (dict(head_dim=0), "head_dim=0 must be at least 1"),
     (dict(vocab_size=0), "vocab_size=0 must be at least 1"),
-    (dict(mlp_impl="moe"), "mlp_impl='moe' is not one of"),
+    (dict(mlp_impl="glu"), "mlp_impl='glu' is not one of"),
     (dict(linear_impl="int4"), "linear_impl='int4' is not one of"),
     (dict(lora_rank=-1), "model.lora_rank=-1 must not be negative"),
     (dict(attention_impl="pallas", head_dim=96), "attention_impl='pallas' takes head_dim in"),

@@ -1,7 +1,7 @@
-"""Sharding: train steps on 8 fake devices (data, fsdp and tensor parallel) compute what one
-device computes, with the XLA attention and with the Pallas kernel inside shard_map; params and
-grads are laid out as the logical-axis rules say; configs that do not fit the devices are
-refused by name.
+"""Sharding: train steps on 8 fake devices (data, fsdp, tensor and expert parallel) compute what
+one device computes, with the XLA attention, the Pallas kernel inside shard_map and MoE experts
+sharded over `expert` (tokens sent to them by all-to-all); params and grads are laid out as the
+logical-axis rules say; configs that do not fit the devices are refused by name.
 
 The 8-device side runs in one subprocess (tests/sharding_worker.py): the main pytest process
 already has its single CPU device.
@@ -55,6 +55,7 @@ def compute(directory: pathlib.Path) -> None:
       ones = {variant: sharding_worker.run(overrides)
               for variant, overrides in sharding_worker.VARIANTS.items()}
       np.save(directory / "one_packed_logits.npy", sharding_worker.packed_logits())
+      np.savez(directory / "one_dropless_moe.npz", **sharding_worker.dropless_moe_grads())
       worker.wait(timeout=540)
     finally:
       worker.kill()
@@ -83,6 +84,7 @@ def results(tmp_path_factory):
   one_device = {variant: load_one_device(directory / f"one_{variant}.npz")
                 for variant in sharding_worker.VARIANTS}
   one_device["packed_logits"] = np.load(directory / "one_packed_logits.npy")
+  one_device["dropless_moe"] = dict(np.load(directory / "one_dropless_moe.npz"))
   arrays = dict(np.load(directory / "eight.npz"))
   return one_device, json.loads(str(arrays.pop("summary"))), arrays, directory / "workdir"
 
@@ -148,10 +150,11 @@ def test_configs_that_do_not_fit_8_devices_are_refused_by_name(eight_devices):
                                 "but there are 8")
   assert "needs 16 devices, but there are 8" in refusals["mesh_16"]
   assert refusals["batch_12_on_8"].startswith(
-      "train.batch_size=12 cannot be split over the data axes (data x fsdp = 8 ways)")
+      "train.batch_size=12 cannot be split over the data axes "
+      "(data x fsdp x expert = 8 ways)")
   assert refusals["micro_batch_4_on_8"].startswith(
       "the micro-batch of train.batch_size=8 / train.grad_accum=2 = 4 rows cannot be split "
-      "over the data axes (data x fsdp = 8 ways)")
+      "over the data axes (data x fsdp x expert = 8 ways)")
   # The refused runs left the workdir they were pointed at as it was.
   assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]
   with open(workdir / "metrics.jsonl") as f:
@@ -190,3 +193,40 @@ def test_packed_ternary_model_under_a_mesh_computes_what_one_device_computes(eig
   output features over their mesh axis) on data=2, fsdp=2, tensor=2."""
   _, arrays, _ = eight_devices
   np.testing.assert_allclose(arrays["packed_logits"], one_device["packed_logits"], atol=1e-5)
+
+
+def test_moe_experts_are_sharded_over_expert_and_tokens_reach_them_by_all_to_all(eight_devices):
+  """Mesh data=4 x expert=2, capacity path: each device holds 2 of the 4 experts; the compiled
+  step moves the dispatched tokens to their experts' devices and back with all-to-alls (forward
+  and backward) and gathers no expert weights. (Losses, gradients and params equal one
+  device's: test_losses_gradients_and_params_match_one_device[data4_expert2_moe].)"""
+  summary, _, _ = eight_devices
+  result = summary["data4_expert2_moe"]
+  # [layers, expert, embed, mlp]: the experts split over `expert`.
+  assert result["init_layout"]["layers/mlp/gate/kernel"] == [
+      "P(None, 'expert', 'fsdp', 'tensor')", [2, 2, 32, 64]]
+  assert result["init_layout"]["layers/mlp/down/kernel"] == [
+      "P(None, 'expert', 'tensor', 'fsdp')", [2, 2, 64, 32]]
+  assert result["all_to_alls"] >= 4, result["all_to_alls"]
+  expert_weights = {"4,32,64", "4,64,32"}
+  assert not [s for s in result["all_gather_shapes"] if s.split(",", 1)[-1] in expert_weights
+              or s in expert_weights], result["all_gather_shapes"]
+
+
+def test_moe_drops_the_same_tokens_sharded(eight_devices, one_device):
+  summary, _, _ = eight_devices
+  dropped = summary["data4_expert2_moe"]["dropped_tokens"]
+  assert dropped == one_device["moe"]["dropped_tokens"]
+  assert all(d > 0 for d in dropped)  # capacity 16 of 32 a row: the case drops copies
+
+
+def test_dropless_moe_in_shard_map_computes_one_devices_output_and_gradients(eight_devices,
+                                                                          one_device):
+  """The dropless path per device (shard_map, replicated expert weights) on data=4 x expert=2:
+  the weights' gradients are summed over the devices' rows."""
+  _, arrays, _ = eight_devices
+  want = one_device["dropless_moe"]
+  assert set(want) == {"loss", "x", "router/kernel", "gate/kernel", "up/kernel", "down/kernel"}
+  for name, value in want.items():
+    np.testing.assert_allclose(arrays[f"dropless_moe|{name}"], value, rtol=1e-4,
+                               atol=1e-5 * np.abs(value).max(), err_msg=name)

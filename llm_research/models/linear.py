@@ -8,10 +8,12 @@ Bases (`model.linear_impl`):
                     gradients (bitlinear.py).
   "ternary_packed"  BitNet inference: "packed_kernel" (2 bits a weight) and "kernel_scale",
                     through the ternary matmul kernel (bitlinear.py).
-LoRA (`LoRA(rank, alpha, heads)`): `heads` pairs A_n [*in, rank] (random normal, 1/sqrt(fan in))
-and B_n [rank, *out] (zeros, so a fresh adapter leaves the base's function unchanged), stored
-as "lora_a" [heads, *in, rank] and "lora_b" [heads, rank, *out] beside the base's params. The
-adapters read the layer's input x unquantized whatever the base.
+LoRA (`LoRA(rank, alpha, heads)`): `heads` pairs A_n [*in, rank] and B_n [rank, *out], stored
+as "lora_a" [heads, *in, rank] and "lora_b" [heads, rank, *out] beside the base's params. B is
+zero (a fresh adapter leaves the base's function unchanged); A is LTE's orthogonal init (Huh et
+al.): per head, orthonormal columns over the flattened fan-in scaled by sqrt(fan_in / rank), so
+that |A x| is about |x| (rows instead when rank > fan_in). The adapters read the layer's input x
+unquantized whatever the base. `llm_research.methods.lora.merge` folds them into the kernel.
 """
 import dataclasses
 import math
@@ -35,6 +37,16 @@ class LoRA:
   @property
   def scale(self) -> float:
     return self.alpha / self.rank / self.heads
+
+
+def orthogonal_adapter_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32):
+  """LoRA's A, [heads, *in, rank]: per head a semi-orthogonal [fan_in, rank] matrix times
+  sqrt(fan_in / rank) (LTE's init: A's r singular values are all sqrt(fan_in / rank), so A keeps
+  the norm of an isotropic input on average)."""
+  heads, rank, fan_in = shape[0], shape[-1], math.prod(shape[1:-1])
+  init = nn.initializers.orthogonal(scale=math.sqrt(fan_in / rank))
+  a = jax.vmap(lambda k: init(k, (fan_in, rank), dtype))(jax.random.split(key, heads))
+  return a.reshape(shape)
 
 
 def _contract(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
@@ -117,9 +129,8 @@ class Linear(nn.Module):
   def _adapters(self, x: jax.Array, n_in: int) -> jax.Array:
     lora, in_shape = self.lora, x.shape[x.ndim - n_in:]
     a = self.param("lora_a", nn.with_logical_partitioning(
-        nn.initializers.normal(stddev=math.prod(in_shape)**-0.5),
-        ("lora_heads", *self.in_axes, "lora_rank")), (lora.heads, *in_shape, lora.rank),
-                   jnp.float32)
+        orthogonal_adapter_init, ("lora_heads", *self.in_axes, "lora_rank")),
+                   (lora.heads, *in_shape, lora.rank), jnp.float32)
     b = self.param("lora_b", nn.with_logical_partitioning(
         nn.initializers.zeros_init(), ("lora_heads", "lora_rank", *self.out_axes)),
                    (lora.heads, lora.rank, *self.features), jnp.float32)

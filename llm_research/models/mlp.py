@@ -1,9 +1,11 @@
 """The MLP registry (`model.mlp_impl`): name -> module class built as `cls(config, name=...)`,
-mapping [batch, length, embed] to the same shape. `moe` joins `swiglu` here."""
+mapping [batch, length, embed] to the same shape: `swiglu`, and `moe` (moe.py: experts of
+SwiGLUs behind a router, in every `moe_every`-th layer)."""
 import flax.linen as nn
 import jax
 
 from llm_research.models.layers import constrain
+from llm_research.models.moe import MoE
 
 
 class SwiGLU(nn.Module):
@@ -20,4 +22,4 @@ class SwiGLU(nn.Module):
     return cfg.linear((x.shape[-1],), ("mlp",), ("embed",), name="down")(hidden)
 
 
-MLPS = {"swiglu": SwiGLU}
+MLPS = {"swiglu": SwiGLU, "moe": MoE}

@@ -72,10 +72,11 @@ def model_class(name: str) -> type:
 
 
 def model_config(model_section, vocab_size: int):
-  """The registered config of `model_section.name`, built from the section's keys."""
-  cls = model_class(model_section["name"])
-  return cls(vocab_size=vocab_size,
-             **{f.name: model_section[f.name] for f in _configurable_fields(cls)})
+  """The registered config of `model_section.name`, built from the section's keys; a key the
+  section lacks (a run's config.json written before the field existed) takes its default."""
+  cls = model_class(model_section.get("name", DEFAULT_MODEL))
+  return cls(vocab_size=vocab_size, **{f.name: model_section.get(f.name, f.default)
+                                       for f in _configurable_fields(cls)})
 
 
 def shape_keys(name: str) -> tuple[str, ...]:

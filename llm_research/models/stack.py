@@ -2,9 +2,11 @@
 
 The transformer and bGPT's patch and byte decoders all build their layers with `decoder_stack`.
 A block is a module class built as `block(config, decode, cache_len)` whose `__call__(x,
-positions, segment_ids)` returns the new x; it may keep a 'cache' (decoding) and sow auxiliary
-losses (`sow_aux_loss`). Under scan every collection gets a leading layers axis, so params are
-stored [layers, ...] with the logical axis "layers".
+positions, segment_ids)` returns the new x; it may keep a 'cache' (decoding), sow auxiliary
+losses (`sow_aux_loss`) and metrics (`sow_metric`). A block may hold several layers (the MoE
+transformer scans groups of `moe_every` layers): `num_blocks` says how many to stack. Under scan
+every collection gets a leading layers axis, so params are stored [layers, ...] (one entry per
+block) with the logical axis "layers".
 """
 import functools
 
@@ -23,6 +25,7 @@ _BASE_POLICIES = {
 }
 REMAT_POLICIES = ("none",) + tuple(_BASE_POLICIES)
 AUX_LOSS = "aux_loss"  # the collection auxiliary losses are sown into
+METRICS = "metrics"  # the collection of logged scalars that are not losses
 
 
 def remat_policy(name: str):
@@ -39,10 +42,17 @@ def sow_aux_loss(module: nn.Module, name: str, value: jax.Array) -> None:
   module.sow(AUX_LOSS, name, value)
 
 
-def collect_aux_losses(variables) -> dict[str, jax.Array]:
-  """{name: the sum of every value sown under that name} from an apply's mutable variables."""
+def sow_metric(module: nn.Module, name: str, value: jax.Array) -> None:
+  """Logs a scalar as `<name>` (not part of the objective): summed over the layers that sow it
+  and over a step's micro-batches, so a count (e.g. "moe_dropped_tokens"), not a mean."""
+  module.sow(METRICS, name, value)
+
+
+def collect_aux_losses(variables, collection: str = AUX_LOSS) -> dict[str, jax.Array]:
+  """{name: the sum of every value sown under that name} from an apply's mutable variables
+  (the auxiliary losses, or with `collection=METRICS` the metrics)."""
   totals = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(variables.get(AUX_LOSS, {})):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables.get(collection, {})):
     name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
     totals[name] = totals.get(name, 0.0) + leaf.sum()
   return totals
@@ -62,22 +72,23 @@ def _scan_convention(block: type) -> type:
 
 
 def decoder_stack(block: type, config, x, positions, segment_ids, *, decode: bool = False,
-                  cache_len: int = 0, name: str = "layers"):
-  """Runs `config.num_layers` blocks on x [batch, length, embed]; call it inside a compact
-  method. Reads `config.scan_layers` and `config.remat_policy`. Scanned params live under
-  `name`, looped ones under `name_0`, `name_1`, ..."""
+                  cache_len: int = 0, name: str = "layers", num_blocks: int | None = None):
+  """Runs `num_blocks` (default `config.num_layers`) blocks on x [batch, length, embed]; call
+  it inside a compact method. Reads `config.scan_layers` and `config.remat_policy`. Scanned
+  params live under `name`, looped ones under `name_0`, `name_1`, ..."""
+  num_blocks = config.num_layers if num_blocks is None else num_blocks
   policy = remat_policy(config.remat_policy)
   if config.scan_layers:
     layer = _scan_convention(block)
     if policy is not None:
       layer = nn.remat(layer, policy=policy, prevent_cse=False)
-    stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0, AUX_LOSS: 0},
+    stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0, AUX_LOSS: 0, METRICS: 0},
                     split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
-                    length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                    length=num_blocks, metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = stack(config, decode, cache_len, name=name)(x, positions, segment_ids)
     return x
   if policy is not None:
     block = nn.remat(block, policy=policy)
-  for i in range(config.num_layers):
+  for i in range(num_blocks):
     x = block(config, decode, cache_len, name=f"{name}_{i}")(x, positions, segment_ids)
   return x

@@ -5,6 +5,12 @@ the MLP registry (SwiGLU by default), RMSNorm, no biases. Params are float32; co
 `dtype`. The layers are the decoder stack (stack.py): scanned or looped, rematerialised by a
 named policy. Projections are `Linear`s of base `linear_impl`, with LoRA adapters when
 `lora_rank > 0`; the embedding and the output head stay dense.
+
+With `mlp_impl="moe"` every `moe_every`-th layer's MLP is a mixture of experts (moe.py; its
+experts are dense, without adapters). For `moe_every > 1` the stack repeats a `LayerGroup` of
+`moe_every` layers, the last one MoE, whose params sit under "layers/layer_<j>" (scanned:
+[num_layers / moe_every, ...]); with `moe_every=1`, and for a dense model, the layout is the
+plain one.
 """
 import dataclasses
 
@@ -20,6 +26,7 @@ from llm_research.models.attention import (ATTENTION_IMPLS, CUDNN_DTYPES, CUDNN_
                                            Attention, resolve_attention_impl)
 from llm_research.models.linear import LINEAR_BASES, Linear, LoRA
 from llm_research.models.mlp import MLPS
+from llm_research.models.moe import MOE_ROUTERS
 from llm_research.models.norms import RMSNorm
 from llm_research.models.layers import constrain
 from llm_research.models.stack import REMAT_POLICIES, decoder_stack
@@ -52,6 +59,20 @@ class TransformerConfig:
   lora_alpha: float = 16.0
   lora_heads: int = shape_field(1)
   mlp_impl: str = shape_field("swiglu")
+  # Mixture of experts (mlp_impl="moe", moe.py): num_experts SwiGLU experts in every
+  # moe_every-th layer (1: all; 2: every other, the last of each pair). moe_router "top_k":
+  # experts_per_token (k) per token, capacity_factor 0 = dropless, c > 0 = each expert takes at
+  # most ceil(c * k * length / E) tokens of a row; "expert_choice": each expert takes
+  # ceil(c * length / E) tokens of a row (c > 0). Router losses weigh the load-balancing loss
+  # (top_k) and the router z-loss.
+  num_experts: int = shape_field(0)
+  experts_per_token: int = 2
+  moe_router: str = "top_k"
+  capacity_factor: float = 0.0
+  moe_every: int = shape_field(1)
+  renormalize_combine: bool = True
+  load_balance_weight: float = 0.01
+  router_z_loss_weight: float = 0.001
 
   def __post_init__(self):
     def check(ok, msg):
@@ -67,6 +88,10 @@ class TransformerConfig:
       check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
     check(self.lora_rank >= 0, f"lora_rank={self.lora_rank} must not be negative (0: no LoRA)")
     check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be positive")
+    smallest = min(self.embed_dim, self.num_kv_heads * self.head_dim, self.mlp_dim)
+    check(self.lora_rank <= smallest, f"lora_rank={self.lora_rank} is larger than the smallest "
+          f"dim of a projection it adapts ({smallest}: embed_dim, num_kv_heads * head_dim, "
+          "mlp_dim)")
     for name, value, allowed in (("dtype", self.dtype, DTYPES),
                                  ("remat_policy", self.remat_policy, REMAT_POLICIES),
                                  ("attention_impl", self.attention_impl,
@@ -75,6 +100,40 @@ class TransformerConfig:
                                  ("mlp_impl", self.mlp_impl, MLPS)):
       check(value in allowed, f"{name}={value!r} is not one of {sorted(allowed)}")
     self._check_attention(check)
+    self._check_moe(check)
+
+  def _check_moe(self, check):
+    moe = self.mlp_impl == "moe"
+    check(moe or self.num_experts == 0,
+          f"num_experts={self.num_experts} needs mlp_impl='moe' (0: a dense model)")
+    if not moe:
+      return
+    check(self.num_experts >= 1, f"num_experts={self.num_experts} must be at least 1 with "
+          "mlp_impl='moe'")
+    check(self.moe_router in MOE_ROUTERS,
+          f"moe_router={self.moe_router!r} is not one of {sorted(MOE_ROUTERS)}")
+    check(1 <= self.experts_per_token <= self.num_experts,
+          f"experts_per_token={self.experts_per_token} must be from 1 to "
+          f"num_experts={self.num_experts}")
+    check(self.capacity_factor >= 0,
+          f"capacity_factor={self.capacity_factor} must not be negative (0: dropless top_k)")
+    check(self.moe_router != "expert_choice" or self.capacity_factor > 0,
+          f"capacity_factor={self.capacity_factor} cannot hold a token: moe_router="
+          "'expert_choice' needs a positive capacity factor")
+    check(self.moe_every >= 1 and self.num_layers % self.moe_every == 0,
+          f"moe_every={self.moe_every} must divide num_layers={self.num_layers}")
+    for name in ("load_balance_weight", "router_z_loss_weight"):
+      check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must not be negative")
+    check(self.linear_impl == "dense", f"linear_impl={self.linear_impl!r}: the experts of "
+          "mlp_impl='moe' are dense")
+
+  @property
+  def layer_group(self) -> int:
+    """Layers per scanned block: `moe_every` for an MoE model (its last layer MoE), else 1."""
+    return self.moe_every if self.mlp_impl == "moe" else 1
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.mlp_impl == "moe" and (layer + 1) % self.moe_every == 0
 
   def _check_attention(self, check):
     """The kernel `attention_impl` resolves to on this backend takes this dtype and head_dim."""
@@ -112,31 +171,47 @@ class TransformerConfig:
   def make_model(self, *, decode: bool = False, cache_len: int = 0) -> nn.Module:
     return Transformer(self, decode=decode, cache_len=cache_len)
 
-  def num_params(self, include_embeddings: bool = True) -> int:
+  def num_params(self, include_embeddings: bool = True, *, active: bool = False) -> int:
+    """Parameters; with `active`, those one token uses (an MoE layer: the router and the
+    experts_per_token experts of top_k, capacity_factor experts on average of expert_choice)."""
     e, q, kv, m = (self.embed_dim, self.num_heads * self.head_dim,
                    self.num_kv_heads * self.head_dim, self.mlp_dim)
-    projections = [(e, q), (e, kv), (e, kv), (q, e), (e, m), (e, m), (m, e)]  # (fan in, out)
-    weights = sum(i * o for i, o in projections)
-    adapters = self.lora_heads * self.lora_rank * sum(i + o for i, o in projections)
-    per_layer = weights + adapters + 2 * e  # + the two norms' scales
+    attention = [(e, q), (e, kv), (e, kv), (q, e)]  # (fan in, fan out)
+    mlp = [(e, m), (e, m), (m, e)]
+    weights = lambda projections: sum(i * o for i, o in projections)
+    adapters = lambda projections: (self.lora_heads * self.lora_rank
+                                    * sum(i + o for i, o in projections))
+    norms = 2 * e
+    dense_layer = weights(attention + mlp) + adapters(attention + mlp) + norms
+    experts = self.num_experts
+    if active:
+      experts = (self.experts_per_token if self.moe_router == "top_k"
+                 else self.capacity_factor)
+    moe_layer = (weights(attention) + adapters(attention) + experts * weights(mlp)
+                 + e * self.num_experts + norms)  # experts have no adapters; + the router
+    moe_layers = sum(self.is_moe_layer(i) for i in range(self.num_layers))
+    layers = (self.num_layers - moe_layers) * dense_layer + moe_layers * moe_layer
     embeddings = self.vocab_size * e * (1 if self.tie_embeddings else 2)
-    return self.num_layers * per_layer + e + (embeddings if include_embeddings else 0)
+    return round(layers + e + (embeddings if include_embeddings else 0))
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N for the matmul weights (embedding lookup excluded, output
-    head included) plus attention: QK^T and PV are 4 * seq_len * heads * head_dim FLOPs per
-    token per layer forward, halved for the causal mask, times 3 for forward + backward."""
-    matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.embed_dim
+    """Training FLOPs per token: 6 N for the matmul weights a token uses (embedding lookup
+    excluded, output head included; an MoE layer's router and active experts, not the slots a
+    capacity leaves empty) plus attention: QK^T and PV are 4 * seq_len * heads * head_dim FLOPs
+    per token per layer forward, halved for the causal mask, times 3 for forward + backward."""
+    matmul_params = (self.num_params(include_embeddings=False, active=True)
+                     + self.vocab_size * self.embed_dim)
     attention = 4 * seq_len * self.num_heads * self.head_dim * self.num_layers / 2
     return 6 * matmul_params + 3 * attention
 
 
 class Block(nn.Module):
-  """x + attn(norm(x)), then + mlp(norm(x))."""
+  """x + attn(norm(x)), then + mlp(norm(x)); the MLP `mlp_impl` (default: config.mlp_impl)."""
 
   config: TransformerConfig
   decode: bool = False
   cache_len: int = 0
+  mlp_impl: str = ""
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
@@ -145,8 +220,26 @@ class Block(nn.Module):
     h = Attention(cfg, self.decode, self.cache_len, name="attn")(h, positions, segment_ids)
     x = constrain(x + h, ("batch", "length", "embed"))
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x)
-    x = x + MLPS[cfg.mlp_impl](cfg, name="mlp")(h)
+    x = x + MLPS[self.mlp_impl or cfg.mlp_impl](cfg, name="mlp")(h)
     return constrain(x, ("batch", "length", "embed"))
+
+
+class LayerGroup(nn.Module):
+  """`config.moe_every` layers ("layer_0", ...), all dense but the last (MoE): the block the
+  stack repeats when MoE layers alternate with dense ones."""
+
+  config: TransformerConfig
+  decode: bool = False
+  cache_len: int = 0
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    cfg = self.config
+    for j in range(cfg.moe_every):
+      mlp_impl = "moe" if j == cfg.moe_every - 1 else "swiglu"
+      x = Block(cfg, self.decode, self.cache_len, mlp_impl, name=f"layer_{j}")(
+          x, positions, segment_ids)
+    return x
 
 
 class Transformer(nn.Module):
@@ -176,8 +269,10 @@ class Transformer(nn.Module):
         (cfg.vocab_size, cfg.embed_dim), jnp.float32)
     x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
     x = constrain(x, ("batch", "length", "embed"))
-    x = decoder_stack(Block, cfg, x, positions, segment_ids, decode=self.decode,
-                      cache_len=self.cache_len)
+    group = cfg.layer_group
+    x = decoder_stack(Block if group == 1 else LayerGroup, cfg, x, positions, segment_ids,
+                      decode=self.decode, cache_len=self.cache_len,
+                      num_blocks=cfg.num_layers // group)
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
     if cfg.tie_embeddings:
       logits = jnp.einsum("ble,ve->blv", x, embedding.astype(cfg.compute_dtype)) \

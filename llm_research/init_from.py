@@ -1,0 +1,182 @@
+"""`--config.train.init_from=<workdir>`: start a run from another run's params.
+
+A new run (its workdir holds no checkpoint yet) takes the params of the newest checkpoint in
+`train.init_from`, converted to this run's model by the surgery the two model configs imply,
+and starts at step 0 with a fresh optimizer state (as sparse upcycling and SOLAR do) and the
+data from its start (data.shuffle_seed decides the order). A run that already has checkpoints
+resumes from them and ignores the key. Needs train.method='standard'.
+
+The surgery, from what differs between the source run's config.json and this config:
+  - model.num_layers n -> 2 (n - m): depth up-scaling with drop m (methods/depth_upscale.py);
+  - a dense model -> model.mlp_impl='moe' (num_experts, experts_per_token, moe_every,
+    moe_router, capacity_factor as this config says): upcycling (methods/upcycle.py; the
+    routers drawn from train.seed); both together: up-scaled, then upcycled;
+  - model.scan_layers: the layers are re-laid out;
+  - nothing: the params are copied (continue a run with a fresh optimizer).
+Every other shape key (model.embed_dim, ..., data.tokenizer, data.vocab_size) must be the
+same: anything else is a ConfigError of one line naming what differs. The source run is only
+read (its checkpoints are opened read-only).
+"""
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from llm_research import sharding
+from llm_research.data import ByteTokenizer
+from llm_research.errors import ConfigError
+from llm_research.methods.depth_upscale import depth_upscale
+from llm_research.methods.layer_list import join_layers, shape_difference, split_layers
+from llm_research.methods.upcycle import upcycle
+from llm_research.models import registry
+from llm_research.models.transformer import TransformerConfig
+
+# Model keys a surgery may change (the others must be the source's).
+SURGERY_KEYS = ("num_layers", "mlp_impl", "num_experts", "moe_every", "scan_layers")
+_MOE_SHAPES = ("mlp_impl", "num_experts", "moe_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  workdir: str
+  model_config: object  # the source run's registered model config
+  step: int  # its newest checkpoint
+
+
+def has_checkpoints(workdir: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _vocab_size(config) -> int:
+  dc = config.data
+  return ByteTokenizer.vocab_size if dc.tokenizer == "byte" else dc.vocab_size
+
+
+def convert(source, target, params, *, seed: int = 0):
+  """Params of the model `source` (a registered model config) -> params of `target`, by the
+  surgery the two configs imply (the module docstring); a pure function."""
+  if type(source) is not type(target):
+    raise ConfigError(f"the source is a {type(source).__name__}, this run a "
+                      f"{type(target).__name__}")
+  keys = [k for k in registry.shape_keys(registry_name(target))
+          if getattr(source, k) != getattr(target, k)]
+  if not isinstance(target, TransformerConfig):
+    if keys:
+      raise ConfigError(_differ(source, target, keys) + ": these must be the same")
+    return params
+  fixed = [k for k in keys if k not in SURGERY_KEYS]
+  if fixed:
+    raise ConfigError(_differ(source, target, fixed) + ": only model.num_layers (depth "
+                      "up-scaling), model.scan_layers and the MoE keys (upcycling) may change")
+  config = source
+  if target.num_layers != source.num_layers:
+    n = source.num_layers
+    drop = n - target.num_layers // 2
+    if target.num_layers % 2 or not 0 <= drop < n:
+      raise ConfigError(f"model.num_layers={target.num_layers} cannot come from {n} layers: "
+                        f"depth up-scaling makes 2 (n - drop) layers with 0 <= drop < n, an "
+                        f"even number from 2 to {2 * n}")
+    config, params = depth_upscale(config, params, drop=drop)
+  if target.mlp_impl == "moe" and config.mlp_impl != "moe":
+    config, params = upcycle(config, params, num_experts=target.num_experts,
+                             top_k=target.experts_per_token, moe_every=target.moe_every,
+                             router=target.moe_router, seed=seed,
+                             capacity_factor=target.capacity_factor)
+  moe_keys = [k for k in _MOE_SHAPES if getattr(config, k) != getattr(target, k)]
+  if moe_keys:
+    raise ConfigError(_differ(config, target, moe_keys) + ": an MoE model converts to no other "
+                      "MoE layout or to a dense model")
+  return join_layers(target, *split_layers(config, params))
+
+
+def registry_name(model_config) -> str:
+  return next(name for name, cls in registry.MODELS.items() if cls is type(model_config))
+
+
+def _differ(source, target, keys) -> str:
+  return ", ".join(f"model.{k} is {getattr(source, k)!r} there, {getattr(target, k)!r} here"
+                   for k in keys)
+
+
+def check(config) -> Source:
+  """The source run of `config.train.init_from`, checked against `config` (its config.json,
+  tokenizer, a checkpoint, and the surgery traced on abstract params) without reading any
+  array; a ConfigError of one line otherwise."""
+  workdir = config.train.init_from
+  where = f"train.init_from={workdir!r}"
+  method = config.train.get("method", "standard")
+  if method != "standard":
+    raise ConfigError(f"{where}: starting from another run's params needs train.method="
+                      f"'standard', not {method!r}")
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{where} holds no run: {path} does not exist")
+  with open(path) as f:
+    saved = json.load(f)
+  for key in ("tokenizer", "vocab_size"):
+    there, here = saved.get("data", {}).get(key), config.data[key]
+    if there != here and (key == "tokenizer" or config.data.tokenizer != "byte"):
+      raise ConfigError(f"{where}: data.{key} is {there!r} there, {here!r} here: the "
+                        "tokenizer must be the same")
+  section = {**registry.config_section(), **saved.get("model", {})}
+  try:
+    source = registry.model_config(ml_collections.ConfigDict(section), _vocab_size(config))
+    target = registry.model_config(config.model, _vocab_size(config))
+    jax.eval_shape(lambda p: convert(source, target, p, seed=config.train.seed),
+                   _abstract_params(source))
+  except ConfigError as error:
+    raise ConfigError(f"{where}: {error}") from None
+  manager = _read_only_manager(workdir)
+  step = manager.latest_step() if manager else None
+  if step is None:
+    raise ConfigError(f"{where} has no checkpoint to start from")
+  manager.close()
+  return Source(os.path.abspath(workdir), source, step)
+
+
+def _abstract_params(model_config, boxed: bool = False):
+  params = jax.eval_shape(model_config.make_model().init, jax.random.key(0),
+                          jnp.zeros((1, 1), jnp.int32))["params"]
+  return params if boxed else nn.meta.unbox(params)
+
+
+def _read_only_manager(workdir: str):
+  directory = epath.Path(workdir).absolute() / "checkpoints"
+  if not directory.is_dir():
+    return None
+  return ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+def initial_params(source: Source, target, mesh, rules, *, seed: int):
+  """The source's newest params (read sharded over `mesh` as `rules` say), converted to the
+  model `target`."""
+  boxed = _abstract_params(dataclasses.replace(source.model_config,
+                                               vocab_size=target.vocab_size), boxed=True)
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          nn.meta.unbox(boxed), shardings)
+  manager = _read_only_manager(source.workdir)
+  try:
+    restored = manager.restore(source.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract}, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            {"params": abstract}), partial_restore=True)))
+  except Exception as error:  # orbax raises many types for a damaged checkpoint
+    lines = str(error).splitlines()
+    raise ConfigError(f"train.init_from={source.workdir!r}: the checkpoint at step "
+                      f"{source.step} cannot be restored ({type(error).__name__}: "
+                      f"{lines[0][:200] if lines else ''})") from None
+  finally:
+    manager.close()
+  params = convert(source.model_config, target, restored.state["params"], seed=seed)
+  difference = shape_difference(params, target)
+  if difference:  # convert promises the target's shapes: a bug if not
+    raise AssertionError(f"init_from: converted params do not fit the model ({difference})")
+  return params

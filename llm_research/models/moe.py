@@ -1,0 +1,224 @@
+"""Mixture-of-experts MLP (`model.mlp_impl="moe"`): E SwiGLU experts and a router.
+
+Params (under the layer's "mlp"): "router"/"kernel" [embed, E] (float32 math, small init:
+normal with stddev ROUTER_INIT_SCALE / sqrt(embed), so fresh routers are near uniform) and per
+projection "gate", "up" [expert, embed, mlp] and "down" [expert, mlp, embed] ("kernel"), whose
+leading logical axis "expert" the rules map onto the `expert` mesh axis. Each expert is the
+SwiGLU of mlp.py: down(silu(gate(x)) * up(x)).
+
+Routers (`model.moe_router`), over router probabilities p = softmax(x W_router) [tokens, E]:
+  "top_k"          each token goes to its `experts_per_token` (k) most probable experts, weighted
+                   by their probabilities, renormalised over the chosen k if
+                   `renormalize_combine`. Two paths:
+                   - dropless (`capacity_factor=0`): the token copies sorted by expert and run
+                     through grouped matmuls (`jax.lax.ragged_dot`); no token is ever dropped.
+                   - capacity (`capacity_factor=c > 0`): each expert takes at most
+                     C = ceil(c * k * S / E) token copies of a group of S tokens (one row of the
+                     batch); an expert offered more keeps those of highest router probability
+                     (batch-prioritised routing) and drops the rest, which then skip that
+                     expert (the residual carries them). Computed with dispatch [S, E, C] and
+                     combine tensors (GShard).
+  "expert_choice"  each expert takes the C = ceil(c * S / E) tokens of the group it gives the
+                   highest probability, weighted by it (Zhou et al. 2022): perfectly balanced,
+                   a token may get any number of experts (zero included: "dropped").
+
+Causality. Dropless top-k routes each token on its own: an MoE decoder stays causal and
+KV-cache decoding computes the full forward pass. The capacity path and expert choice route a
+whole row at once: a later token can take an expert's slot from an earlier one (and expert
+choice ranks every token of the row), so they are causal only when no copy is dropped, and
+decoding (one token per group: nothing is dropped, every expert takes the token under expert
+choice) does not compute what training computed. Padding tokens take part in routing.
+
+Logged: the weighted load-balancing loss (top-k only; Switch/GShard form
+E * sum_e f_e P_e, f_e the fraction of token copies routed to e, P_e its mean probability; 1
+when uniform) and router z-loss (mean logsumexp(logits)^2) are sown with `sow_aux_loss`
+("load_balance", "router_z_loss": added to the objective, logged as aux_loss/<name>), each only
+when its weight is positive; the number of dropped token copies (top-k) or tokens no expert
+took (expert choice) is sown with `sow_metric` as "moe_dropped_tokens": summed over MoE layers
+and a step's micro-batches (0 for dropless).
+
+Sharding. The capacity path's dispatched tokens [expert, batch, capacity, embed] lie with the
+experts over `expert` and the rows over the remaining batch axes; the rest of the model splits
+rows over `expert` too, so XLA moves tokens to their experts' devices and back with all-to-alls.
+The dropless path runs inside shard_map on each device's rows with every expert's weights
+(gathered): expert parallelism is the capacity path's. (On CPU, XLA computes `ragged_dot` as a
+masked dense matmul over every expert; GPU and TPU have grouped kernels.)
+"""
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from llm_research.models.layers import constrain, map_shards, partition_spec
+from llm_research.models.stack import sow_aux_loss, sow_metric
+
+MOE_ROUTERS = ("top_k", "expert_choice")
+ROUTER_INIT_SCALE = 0.1  # router stddev ROUTER_INIT_SCALE / sqrt(embed): logits ~ 0.1
+
+
+def expert_capacity(group_size: int, num_experts: int, factor: float, k: int = 1) -> int:
+  """Slots per expert per group: ceil(factor * k * group_size / num_experts), at least 1 and
+  at most group_size (an expert can take each token once)."""
+  return max(1, min(group_size, math.ceil(factor * k * group_size / num_experts)))
+
+
+def top_k_gates(probs: jax.Array, k: int, renormalize: bool):
+  """(combine weights [..., k], experts [..., k] int32, scores [..., k]): the k most probable
+  experts per token, their probabilities as scores, renormalised to sum to 1 if asked."""
+  scores, experts = jax.lax.top_k(probs, k)
+  gates = scores / jnp.sum(scores, axis=-1, keepdims=True) if renormalize else scores
+  return gates, experts.astype(jnp.int32), scores
+
+
+class Routing(NamedTuple):
+  """Dispatch [groups, S, E, C] (bool) and combine [groups, S, E, C] (float32) tensors, and
+  the number of token copies (top-k) or tokens (expert choice) dropped."""
+
+  dispatch: jax.Array
+  combine: jax.Array
+  dropped: jax.Array
+
+
+def top_k_capacity_routing(probs: jax.Array, k: int, capacity: int,
+                           renormalize: bool) -> Routing:
+  """Top-k routing of groups of tokens, probs [groups, S, E], each expert keeping its
+  `capacity` highest-scored token copies (ties: the earlier token)."""
+  groups, size, num_experts = probs.shape
+  gates, experts, scores = top_k_gates(probs, k, renormalize)  # [groups, S, k]
+  chosen = jax.nn.one_hot(experts, num_experts, dtype=jnp.bool_)  # [groups, S, k, E]
+  # Probabilities are >= 0: -1 marks a copy not routed to the expert.
+  offered = jnp.where(chosen, scores[..., None], -1.0).reshape(groups, size * k, num_experts)
+  kept_scores, copy = jax.lax.top_k(offered.swapaxes(1, 2), capacity)  # [groups, E, C]
+  kept = kept_scores >= 0
+  token = copy // k
+  dispatch = jax.nn.one_hot(token, size, dtype=jnp.bool_) & kept[..., None]  # [g, E, C, S]
+  weight = jnp.take_along_axis(gates.reshape(groups, 1, size * k), copy, axis=2)  # [g, E, C]
+  dispatch = jnp.moveaxis(dispatch, 3, 1)  # [groups, S, E, C]
+  combine = dispatch * jnp.where(kept, weight, 0.0)[:, None]
+  return Routing(dispatch, combine, groups * size * k - jnp.sum(kept))
+
+
+def expert_choice_routing(probs: jax.Array, capacity: int) -> Routing:
+  """Each expert takes the `capacity` tokens of each group (probs [groups, S, E]) it gives the
+  highest probability (ties: the earlier token), weighted by that probability."""
+  size = probs.shape[1]
+  weight, token = jax.lax.top_k(probs.swapaxes(1, 2), capacity)  # [groups, E, C]
+  dispatch = jnp.moveaxis(jax.nn.one_hot(token, size, dtype=jnp.bool_), 3, 1)  # [g, S, E, C]
+  combine = dispatch * weight[:, None]
+  taken = jnp.any(dispatch, axis=(2, 3))  # [groups, S]
+  return Routing(dispatch, combine, taken.size - jnp.sum(taken))
+
+
+def dispatch_experts(x: jax.Array, routing: Routing, gate, up, down) -> jax.Array:
+  """x [groups, S, embed] through the experts (weights [E, ...]) the routing dispatches it to:
+  the capacity path (also expert choice's)."""
+  dispatch = routing.dispatch.astype(x.dtype)
+  # Each device gathers its own rows' tokens for every expert, then (under a mesh with an
+  # `expert` axis) sends each expert's share to the devices holding it: an all-to-all.
+  tokens = jnp.einsum("gsec,gsd->egcd", dispatch, x)  # [expert, groups, capacity, embed]
+  tokens = constrain(tokens, (None, "batch", None, "embed"))
+  tokens = constrain(tokens, ("expert", "batch", None, "embed"))
+  hidden = nn.silu(jnp.einsum("egcd,edm->egcm", tokens, gate)) * jnp.einsum(
+      "egcd,edm->egcm", tokens, up)
+  hidden = constrain(hidden, ("expert", "batch", None, "mlp"))
+  out = jnp.einsum("egcm,emd->egcd", hidden, down)
+  out = constrain(out, ("expert", "batch", None, "embed"))
+  out = constrain(out, (None, "batch", None, "embed"))  # back to the rows' devices
+  return jnp.einsum("egcd,gsec->gsd", out, routing.combine.astype(x.dtype))
+
+
+def dropless_experts(x: jax.Array, gates: jax.Array, experts: jax.Array, gate, up,
+                     down) -> jax.Array:
+  """x [tokens, embed] through its chosen experts (experts, gates [tokens, k]): the k copies of
+  every token sorted by expert, grouped matmuls over the experts' contiguous runs."""
+  tokens, k = experts.shape
+  flat = experts.reshape(-1)  # [tokens * k]
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)  # [E]
+  xs = jnp.take(x, order // k, axis=0)  # [tokens * k, embed], grouped by expert
+  hidden = nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+  out = jax.lax.ragged_dot(hidden, down, sizes)  # [tokens * k, embed]
+  out = jnp.zeros_like(out).at[order].set(out).reshape(tokens, k, -1)
+  return jnp.einsum("tkd,tk->td", out, gates.astype(out.dtype))
+
+
+class _Kernel(nn.Module):
+  """A float32 "kernel" param of `shape` with logical `axes`, normal(stddev / sqrt(fan in))."""
+
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  fan_in_axis: int
+  stddev: float = 1.0
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    init = nn.initializers.normal(self.stddev * self.shape[self.fan_in_axis]**-0.5)
+    return self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
+                      jnp.float32)
+
+
+class MoE(nn.Module):
+  """[batch, length, embed] -> [batch, length, embed] through `config.num_experts` experts."""
+
+  config: "TransformerConfig"  # noqa: F821 (transformer.py)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    batch, length, embed = x.shape
+    num_experts, k = cfg.num_experts, cfg.experts_per_token
+    router = _Kernel((embed, num_experts), ("embed", None), 0, ROUTER_INIT_SCALE,
+                     name="router")()
+    weights = [
+        _Kernel((num_experts, embed, cfg.mlp_dim), ("expert", "embed", "mlp"), 1, name=name)()
+        .astype(cfg.compute_dtype) for name in ("gate", "up")]
+    weights.append(_Kernel((num_experts, cfg.mlp_dim, embed), ("expert", "mlp", "embed"), 1,
+                           name="down")().astype(cfg.compute_dtype))
+
+    logits = jnp.einsum("bld,de->ble", x.astype(jnp.float32), router)  # float32
+    probs = jax.nn.softmax(logits, axis=-1)
+    if cfg.router_z_loss_weight > 0:
+      z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+      sow_aux_loss(self, "router_z_loss", cfg.router_z_loss_weight * z)
+
+    if cfg.moe_router == "expert_choice":
+      routing = expert_choice_routing(
+          probs, expert_capacity(length, num_experts, cfg.capacity_factor))
+      y = dispatch_experts(x, routing, *weights)
+      dropped = routing.dropped
+    else:
+      gates, experts, _ = top_k_gates(probs, k, cfg.renormalize_combine)
+      if cfg.load_balance_weight > 0:
+        routed = jnp.mean(jnp.sum(jax.nn.one_hot(experts, num_experts), axis=2), axis=(0, 1))
+        balance = num_experts * jnp.sum(routed / k * jnp.mean(probs, axis=(0, 1)))
+        sow_aux_loss(self, "load_balance", cfg.load_balance_weight * balance)
+      if cfg.capacity_factor > 0:
+        routing = top_k_capacity_routing(
+            probs, k, expert_capacity(length, num_experts, cfg.capacity_factor, k),
+            cfg.renormalize_combine)
+        y = dispatch_experts(x, routing, *weights)
+        dropped = routing.dropped
+      else:
+        y = _dropless_per_device(x, gates, experts, weights)
+        dropped = jnp.zeros((), jnp.int32)
+    sow_metric(self, "moe_dropped_tokens", dropped)
+    return constrain(y.astype(x.dtype), ("batch", "length", "embed"))
+
+
+def _dropless_per_device(x, gates, experts, weights):
+  """The dropless path on each device's rows (shard_map under a mesh: a global sort would
+  gather every token onto every device), with every expert's weights."""
+  rows = partition_spec(("batch", None, None), x.shape)
+  whole = PartitionSpec()
+
+  def per_shard(x, gates, experts, gate, up, down):
+    batch, length, embed = x.shape
+    y = dropless_experts(x.reshape(-1, embed), gates.reshape(batch * length, -1),
+                         experts.reshape(batch * length, -1), gate, up, down)
+    return y.reshape(batch, length, embed)
+
+  return map_shards(per_shard, (rows, rows, rows, whole, whole, whole), rows)(
+      x, gates, experts, *weights)

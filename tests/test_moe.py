@@ -1,0 +1,304 @@
+"""Mixture of experts (models/moe.py): routing (capacity, dropping, expert choice, combine
+weights) against numpy references, dropless == capacity path, causality of what should be
+causal, KV-cache decoding, auxiliary losses and the dropped-token count in the train metrics,
+parameter counts, bad config values.
+"""
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from llm_research import train
+from llm_research.models import Transformer, TransformerConfig
+from llm_research.models import moe
+
+VOCAB = 61
+
+
+def tiny_moe(**overrides) -> TransformerConfig:
+  base = dict(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+              head_dim=8, mlp_dim=48, mlp_impl="moe", num_experts=4, experts_per_token=2)
+  return TransformerConfig(**{**base, **overrides})
+
+
+def random_params(cfg, seed=0):
+  """Params of `cfg`'s model drawn without compiling its init (most of these tests' time):
+  norm scales 1, embedding N(0, 1), every kernel N(0, 0.15^2) (the router too: livelier
+  routing than its small init)."""
+  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 3), int))
+  leaves, tree = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(shapes["params"]))
+  rng = np.random.default_rng(seed)
+  def draw(path, shape):
+    name = path[-1].key
+    if name == "scale":
+      return np.ones(shape.shape, np.float32)
+    std = 1.0 if name == "embedding" else 0.15
+    return (std * rng.standard_normal(shape.shape)).astype(np.float32)
+  return jax.tree_util.tree_unflatten(tree, [draw(p, x) for p, x in leaves])
+
+
+@functools.cache
+def logits_fn(cfg):
+  """The jitted forward pass of `cfg` (one per config: tests share the compiled program)."""
+  model = Transformer(cfg)
+  return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
+
+
+# Two models the tests share (compiling is most of their time): every layer MoE; and MoE in every
+# other of 4 layers (the scan runs over groups of 2).
+EVERY_LAYER = tiny_moe()
+EVERY_OTHER = tiny_moe(num_layers=4, moe_every=2)
+
+
+@pytest.fixture(scope="module")
+def every_layer_params():
+  return random_params(EVERY_LAYER)
+
+
+@pytest.fixture(scope="module")
+def every_other_params():
+  return random_params(EVERY_OTHER, seed=1)
+
+
+def random_probs(seed, shape):
+  return jax.nn.softmax(3 * jax.random.normal(jax.random.key(seed), shape), axis=-1)
+
+
+# ---- routing ------------------------------------------------------------------------------------
+
+def reference_top_k_capacity(probs, k, capacity, renormalize):
+  """numpy: per group, each expert keeps its `capacity` highest-scored token copies (ties: the
+  earlier copy); {(group, token, expert): combine weight}, number dropped."""
+  probs = np.asarray(probs)
+  kept, dropped = {}, 0
+  for g, group in enumerate(probs):
+    offers = {}  # expert -> [(-score, copy index, token, weight)]
+    for s, p in enumerate(group):
+      experts = np.argsort(-p, kind="stable")[:k]
+      scores = p[experts]
+      weights = scores / scores.sum() if renormalize else scores
+      for slot, (e, score, w) in enumerate(zip(experts, scores, weights)):
+        offers.setdefault(e, []).append((-score, s * k + slot, s, w))
+    for e, offered in offers.items():
+      offered.sort()
+      for _, _, s, w in offered[:capacity]:
+        kept[(g, s, e)] = w
+      dropped += max(0, len(offered) - capacity)
+  return kept, dropped
+
+
+def as_assignments(routing):
+  """{(group, token, expert): combine weight} of a Routing, checking one token per slot."""
+  dispatch, combine = np.asarray(routing.dispatch), np.asarray(routing.combine)
+  assert dispatch.sum(axis=1).max() <= 1  # a slot holds at most one token
+  g, s, e, _ = np.nonzero(dispatch)
+  return {(a, b, c): combine[a, b, c].sum() for a, b, c in zip(g, s, e)}
+
+
+@pytest.mark.parametrize("k, capacity, renormalize", [(1, 2, True), (2, 3, True), (2, 5, False)])
+def test_capacity_keeps_the_highest_scored_copies_and_counts_the_dropped(k, capacity,
+                                                                         renormalize):
+  probs = random_probs(0, (3, 10, 4))
+  routing = moe.top_k_capacity_routing(probs, k, capacity, renormalize)
+  want, dropped = reference_top_k_capacity(probs, k, capacity, renormalize)
+  got = as_assignments(routing)
+  assert dropped > 0  # the case tests dropping
+  assert int(routing.dropped) == dropped
+  assert set(got) == set(want)
+  np.testing.assert_allclose([got[a] for a in want], [want[a] for a in want], rtol=1e-6)
+
+
+def test_capacity_dropping_by_hand():
+  """Six tokens all want expert 0 (capacity 3): the three most probable stay."""
+  p0 = np.array([0.6, 0.9, 0.7, 0.55, 0.95, 0.8])
+  probs = jnp.asarray(np.stack([p0, 1 - p0], axis=-1)[None], jnp.float32)  # [1, 6, 2]
+  routing = moe.top_k_capacity_routing(probs, 1, 3, renormalize=True)
+  assert int(routing.dropped) == 3
+  assert sorted(s for _, s, e in as_assignments(routing) if e == 0) == [1, 4, 5]
+
+
+def test_expert_choice_takes_exactly_its_capacity_of_its_top_tokens():
+  probs = random_probs(1, (2, 12, 4))
+  capacity = moe.expert_capacity(12, 4, 1.5)
+  assert capacity == 5
+  routing = moe.expert_choice_routing(probs, capacity)
+  dispatch = np.asarray(routing.dispatch)
+  np.testing.assert_array_equal(dispatch.sum(axis=(1, 3)), capacity)  # per group and expert
+  np.testing.assert_array_equal(dispatch.sum(axis=1), 1)  # every slot holds one token
+  got = as_assignments(routing)
+  p = np.asarray(probs)
+  for g in range(2):
+    for e in range(4):
+      top = set(np.argsort(-p[g, :, e], kind="stable")[:capacity])
+      assert {s for gg, s, ee in got if gg == g and ee == e} == top
+  for (g, s, e), weight in got.items():
+    assert weight == pytest.approx(p[g, s, e])
+  untaken = 2 * 12 - len({(g, s) for g, s, _ in got})
+  assert int(routing.dropped) == untaken
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_combine_weights_are_the_chosen_probabilities_renormalised_if_asked(renormalize):
+  probs = random_probs(2, (2, 7, 5))
+  gates, experts, scores = moe.top_k_gates(probs, 2, renormalize)
+  np.testing.assert_allclose(scores, np.take_along_axis(np.asarray(probs), experts, -1))
+  assert np.all(np.asarray(scores)[..., 0] >= np.asarray(scores)[..., 1])
+  want = scores / scores.sum(-1, keepdims=True) if renormalize else scores
+  np.testing.assert_allclose(gates, want, rtol=1e-6)
+  # Through the capacity path with room for every copy: each token's weights sum as specified.
+  routing = moe.top_k_capacity_routing(probs, 2, 7, renormalize)
+  assert int(routing.dropped) == 0
+  np.testing.assert_allclose(np.asarray(routing.combine).sum(axis=(2, 3)),
+                             np.asarray(want).sum(-1), rtol=1e-6)
+  if renormalize:
+    np.testing.assert_allclose(np.asarray(routing.combine).sum(axis=(2, 3)), 1.0, rtol=1e-6)
+
+
+def test_dropless_path_equals_capacity_path_when_nothing_is_dropped():
+  x = jax.random.normal(jax.random.key(3), (2, 9, 16))
+  probs = random_probs(4, (2, 9, 4))
+  keys = jax.random.split(jax.random.key(5), 3)
+  gate, up = (jax.random.normal(key, (4, 16, 24)) / 4 for key in keys[:2])
+  down = jax.random.normal(keys[2], (4, 24, 16)) / 5
+  gates, experts, _ = moe.top_k_gates(probs, 2, True)
+  dropless = jax.jit(moe.dropless_experts)(x.reshape(18, 16), gates.reshape(18, 2),
+                                           experts.reshape(18, 2), gate, up,
+                                           down).reshape(2, 9, 16)
+  routing = moe.top_k_capacity_routing(probs, 2, 9, True)
+  assert int(routing.dropped) == 0
+  capacity = jax.jit(moe.dispatch_experts)(x, routing, gate, up, down)
+  np.testing.assert_allclose(dropless, capacity, rtol=1e-5, atol=1e-5)
+  # And both equal the per-token definition: sum_k gate_k * expert_k(x).
+  gate, up, down = np.asarray(gate), np.asarray(up), np.asarray(down)
+  silu = lambda v: v / (1 + np.exp(-v))
+  swiglu = lambda e, v: (silu(v @ gate[e]) * (v @ up[e])) @ down[e]
+  xs, es, ws = (np.asarray(a).reshape(18, -1) for a in (x, experts, gates))
+  want = np.stack([sum(ws[t, j] * swiglu(es[t, j], xs[t]) for j in range(2)) for t in range(18)])
+  np.testing.assert_allclose(dropless.reshape(18, 16), want, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_model_dropless_equals_capacity_with_room_for_every_token(every_layer_params):
+  tokens = jax.random.randint(jax.random.key(6), (2, 13), 0, VOCAB)
+  roomy = dataclasses.replace(EVERY_LAYER, capacity_factor=2.0)  # C = 2 * 2 * 13 / 4 >= 13
+  assert moe.expert_capacity(13, 4, 2.0, 2) == 13
+  np.testing.assert_allclose(logits_fn(EVERY_LAYER)(every_layer_params, tokens),
+                             logits_fn(roomy)(every_layer_params, tokens), rtol=1e-5, atol=1e-5)
+
+
+# ---- the MoE transformer -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [EVERY_LAYER, EVERY_OTHER,
+                                 dataclasses.replace(EVERY_LAYER, capacity_factor=2.0)],
+                         ids=["dropless", "every-other", "capacity-roomy"])
+def test_changing_a_future_token_changes_no_earlier_logit(cfg, every_layer_params,
+                                                          every_other_params):
+  """Dropless top-k routes each token alone: causal. The capacity path is causal only when no
+  copy is dropped (a later token can take an earlier one's slot), here with room for all."""
+  params = every_other_params if cfg.moe_every == 2 else every_layer_params
+  apply = logits_fn(cfg)
+  tokens = jax.random.randint(jax.random.key(7), (2, 13), 0, VOCAB)
+  changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % VOCAB)
+  a, b = apply(params, tokens), apply(params, changed)
+  np.testing.assert_allclose(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+  assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_expert_choice_is_not_causal(every_layer_params):
+  """Documented: expert choice ranks a row's tokens together, so a later token changes which
+  earlier tokens an expert takes (here: some earlier logit moves)."""
+  apply = logits_fn(dataclasses.replace(EVERY_LAYER, moe_router="expert_choice",
+                                        capacity_factor=1.0))
+  tokens = jax.random.randint(jax.random.key(8), (2, 13), 0, VOCAB)
+  changed = tokens.at[:, 9:].set((tokens[:, 9:] + 7) % VOCAB)
+  a, b = apply(every_layer_params, tokens), apply(every_layer_params, changed)
+  assert not np.allclose(a[:, :9], b[:, :9], atol=1e-6)
+
+
+def test_kv_cache_decoding_equals_the_full_forward_pass(every_other_params):
+  """Dropless: one-token steps give the full forward pass's logits (prefill is the same code
+  on more tokens: test_model.py checks it for the dense model)."""
+  cfg, params = EVERY_OTHER, every_other_params
+  tokens = jax.random.randint(jax.random.key(9), (2, 13), 0, VOCAB)
+  full = logits_fn(cfg)(params, tokens)
+  cached = Transformer(cfg, decode=True, cache_len=16)
+  apply = jax.jit(cached.apply, static_argnames="mutable")
+  cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                       jax.eval_shape(cached.init, jax.random.key(0), tokens[:, :1])["cache"])
+  positions = jnp.broadcast_to(jnp.arange(13), tokens.shape)
+  state, steps = {"cache": cache}, []
+  for t in range(13):
+    logits, state = apply({"params": params, "cache": state["cache"]}, tokens[:, t:t + 1],
+                          positions[:, t:t + 1], mutable=("cache",))
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_aux_losses_and_dropped_tokens_reach_the_train_metrics(every_other_params):
+  """A zero router: probabilities uniform, every token's top k are experts 0..k-1, so the
+  load-balancing loss is exactly 1 and the z-loss log(E)^2 per MoE layer, and with capacity C
+  each row drops k (length - C) copies per layer; the train step (2 micro-batches) reports the
+  weighted sums, and the count summed over its micro-batches."""
+  cfg = dataclasses.replace(EVERY_OTHER, capacity_factor=1.0, load_balance_weight=0.1,
+                            router_z_loss_weight=0.01)
+  model = Transformer(cfg)
+  params = jax.tree.map(lambda x: x, every_other_params)
+  router = params["layers"]["layer_1"]["mlp"]["router"]
+  router["kernel"] = np.zeros_like(router["kernel"])
+  rows, length, k, experts, layers = 4, 12, 2, 4, 2
+  capacity = moe.expert_capacity(length, experts, 1.0, k)
+  assert capacity == 6
+  tokens = jax.random.randint(jax.random.key(10), (rows, length + 1), 0, VOCAB)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "segment_ids": jnp.ones((rows, length), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(length), (rows, length))}
+  optimizer = optax.sgd(0.0)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
+  step = jax.jit(lambda s, b: train.train_step(
+      s, b, model=model, optimizer=optimizer, schedule=lambda _: 0.0, grad_accum=2, z_loss=0.0))
+  _, metrics = step(state, batch)
+  assert float(metrics["aux_loss/load_balance"]) == pytest.approx(0.1 * layers, rel=1e-5)
+  assert float(metrics["aux_loss/router_z_loss"]) == pytest.approx(
+      0.01 * layers * np.log(experts)**2, rel=1e-5)
+  # Each of experts 0..k-1 is offered every token of a row and keeps `capacity`.
+  assert float(metrics["moe_dropped_tokens"]) == layers * rows * k * (length - capacity)
+
+
+def test_parameter_counts_match_the_params():
+  for cfg in [tiny_moe(), tiny_moe(moe_every=2, lora_rank=2), tiny_moe(num_experts=0,
+                                                                       mlp_impl="swiglu")]:
+    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 3), int))
+    assert cfg.num_params() == sum(x.size for x in jax.tree.leaves(shapes["params"]))
+  cfg = tiny_moe(num_layers=4, moe_every=2, num_experts=8, experts_per_token=2)
+  dense = dataclasses.replace(cfg, mlp_impl="swiglu", num_experts=0)
+  expert_params = 3 * 32 * 48
+  # Two MoE layers, each: 7 more experts than the dense MLP and a router (32 x 8).
+  assert cfg.num_params() - dense.num_params() == 2 * (7 * expert_params + 32 * 8)
+  # FLOPs count the active params: 2 experts and the router per MoE layer.
+  assert cfg.flops_per_token(16) - dense.flops_per_token(16) == pytest.approx(
+      6 * 2 * (expert_params + 32 * 8))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(mlp_impl="swiglu"), "model.num_experts=4 needs mlp_impl='moe'"),
+    (dict(num_experts=0), "model.num_experts=0 must be at least 1 with mlp_impl='moe'"),
+    (dict(experts_per_token=5), "model.experts_per_token=5 must be from 1 to num_experts=4"),
+    (dict(experts_per_token=0), "model.experts_per_token=0 must be from 1"),
+    (dict(moe_router="switch"), "model.moe_router='switch' is not one of"),
+    (dict(capacity_factor=-1.0), "model.capacity_factor=-1.0 must not be negative"),
+    (dict(moe_router="expert_choice"),
+     "model.capacity_factor=0.0 cannot hold a token: moe_router='expert_choice' needs"),
+    (dict(num_layers=3, moe_every=2), "model.moe_every=2 must divide num_layers=3"),
+    (dict(moe_every=0), "model.moe_every=0 must divide"),
+    (dict(load_balance_weight=-0.1), "model.load_balance_weight=-0.1 must not be negative"),
+    (dict(linear_impl="bitnet"), "model.linear_impl='bitnet': the experts of mlp_impl='moe'"),
+])
+def test_bad_moe_config_is_one_line_naming_the_key(bad, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(")) as raised:
+    tiny_moe(**bad)
+  assert "\n" not in str(raised.value)
