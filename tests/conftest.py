@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny experiment config on the tiny stdlib corpus, built once per session."""
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -46,3 +48,24 @@ def tiny_config(tiny_overrides):
   """A fresh tiny ConfigDict (see tests/tiny_config.py); `tiny_config(*overrides)`."""
   from llm_research.config import load_config
   return lambda *overrides: load_config(TINY_CONFIG, [*tiny_overrides, *overrides])
+
+
+def beside_eight_devices(worker_args, log_path, here):
+  """Runs `python <worker_args>` on 8 fake CPU devices in a subprocess (this process already has
+  its single device) while `here()` runs in this process; `here()`'s result once the worker
+  exited cleanly, else an assertion error with the end of its log."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  with open(log_path, "w+") as log:
+    worker = subprocess.Popen([sys.executable, *map(str, worker_args)], env=env, stdout=log,
+                              stderr=log)
+    try:
+      result = here()
+      worker.wait(timeout=540)
+    finally:
+      worker.kill()
+      worker.wait()
+    log.seek(0)
+    assert worker.returncode == 0, log.read()[-6000:]
+  return result
+

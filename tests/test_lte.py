@@ -13,8 +13,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -353,20 +351,9 @@ def eight_devices_and_one(directory):
   """(8 devices' summary, their arrays, one device's result): tests/lte_worker.py in a
   subprocess on 8 fake devices while this process computes the one-device reference."""
   import lte_worker
-  from conftest import TESTS_DIR
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  with open(directory / "worker.log", "w+") as log:
-    worker = subprocess.Popen([sys.executable, os.path.join(TESTS_DIR, "lte_worker.py"),
-                               str(directory / "eight.npz")], env=env, stdout=log, stderr=log)
-    try:
-      one = lte_worker.run()
-      worker.wait(timeout=540)
-    finally:
-      worker.kill()
-      worker.wait()
-    log.seek(0)
-    assert worker.returncode == 0, log.read()[-6000:]
+  from conftest import TESTS_DIR, beside_eight_devices
+  one = beside_eight_devices([os.path.join(TESTS_DIR, "lte_worker.py"), directory / "eight.npz"],
+                             directory / "worker.log", lte_worker.run)
   arrays = dict(np.load(directory / "eight.npz"))
   return json.loads(str(arrays.pop("summary"))), arrays, one
 

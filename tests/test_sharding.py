@@ -11,14 +11,12 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import sharding_worker
-from conftest import TESTS_DIR
+from conftest import TESTS_DIR, beside_eight_devices
 from llm_research import sharding
 
 
@@ -45,23 +43,15 @@ def compute(directory: pathlib.Path) -> None:
   workdir.mkdir()
   with open(workdir / "metrics.jsonl", "w") as f:
     f.write('{"step": 1, "loss": 1.0}\n')
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  with open(directory / "worker.log", "w+") as log:
-    worker = subprocess.Popen([sys.executable, os.path.join(TESTS_DIR, "sharding_worker.py"),
-                               str(directory / "eight.npz"), str(workdir)],
-                              env=env, stdout=log, stderr=log)
-    try:
-      ones = {variant: sharding_worker.run(overrides)
-              for variant, overrides in sharding_worker.VARIANTS.items()}
-      np.save(directory / "one_packed_logits.npy", sharding_worker.packed_logits())
-      np.savez(directory / "one_dropless_moe.npz", **sharding_worker.dropless_moe_grads())
-      worker.wait(timeout=540)
-    finally:
-      worker.kill()
-      worker.wait()
-    log.seek(0)
-    assert worker.returncode == 0, log.read()[-6000:]
+  def one_device():
+    np.save(directory / "one_packed_logits.npy", sharding_worker.packed_logits())
+    np.savez(directory / "one_dropless_moe.npz", **sharding_worker.dropless_moe_grads())
+    return {variant: sharding_worker.run(overrides)
+            for variant, overrides in sharding_worker.VARIANTS.items()}
+
+  ones = beside_eight_devices(
+      [os.path.join(TESTS_DIR, "sharding_worker.py"), directory / "eight.npz", workdir],
+      directory / "worker.log", one_device)
   for variant, one in ones.items():
     arrays = {f"{kind}|{name}": value for kind in ("grads", "params")
               for name, value in one.pop(kind).items()}
