@@ -26,6 +26,8 @@ setup(
         "tensorboardX>=2.6.5",
         "tqdm>=4.70.1",
         "matplotlib>=3.11.2",  # the notebooks' and experiments' figures
+        "music21>=10.5.1",  # bGPT's ABC tunes and their MIDI files (data/abc_midi.py)
+        "scikit-learn>=1.9.1",  # bGPT's digit images (data/media.py)
     ],
     extras_require={
         "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "nbclient>=0.11.0", "nbformat>=5.11.1",

@@ -24,10 +24,14 @@ def base_config() -> ml_collections.ConfigDict:
   # registered models' config classes, with their defaults (vocab_size comes from the tokenizer).
   c.model = ml_collections.ConfigDict(registry.config_section())
 
-  # Data (llm_research.data.pipeline documents each field).
+  # Data (llm_research.data.pipeline documents each field). source="bytes" is bGPT's raw bytes:
+  # byte_dataset "cpu_states" | "abc_to_midi" | "midi_to_abc" | "digits_bmp" | "wav_tones" (local
+  # TFDS builders, config byte_config: "tiny" | "full", cpu_states also "1k" | "10k" | "100k")
+  # or "files" (every file under byte_dir is one example); seq_len is then bytes per row.
   cache = os.path.join(os.path.expanduser("~"), ".cache", "llm_research")
   c.data = ml_collections.ConfigDict(dict(
       source="stdlib", stdlib_config="full", tfds_name="", text_key="text", text_dir="",
+      byte_dataset="cpu_states", byte_config="full", byte_dir="",
       data_dir=os.path.join(cache, "tensorflow_datasets"), cache_dir=cache,
       tokenizer="sentencepiece", vocab_size=4096, seq_len=256, shuffle_seed=0,
       eval_split="validation"))

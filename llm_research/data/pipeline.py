@@ -1,7 +1,8 @@
 """Grain pipelines: documents -> tokens -> packed, sharded, checkpointable batches.
 
 The data config (`config.data`, an ml_collections ConfigDict):
-  source         'stdlib' | 'tfds' | 'text_dir': where documents come from.
+  source         'stdlib' | 'tfds' | 'text_dir': where documents come from; or 'bytes': raw
+                 bytes for bGPT, one example a row (below).
   stdlib_config  'full' | 'tiny': builder config of the `stdlib_source` TFDS dataset
                  (source='stdlib'; built into data_dir on first use, in seconds).
   tfds_name      a prepared TFDS dataset, e.g. 'lm1b' (source='tfds'); read from data_dir in
@@ -11,9 +12,16 @@ The data config (`config.data`, an ml_collections ConfigDict):
                  ones aside, is a document; train/validation split by a hash of the path.
   data_dir       where TFDS datasets live (and where stdlib_source is built).
   cache_dir      where tokenizers are cached (<cache_dir>/tokenizers/).
-  tokenizer      'byte' | 'sentencepiece'.
+  tokenizer      'byte' | 'sentencepiece' (ignored for source='bytes': raw bytes, 257 ids).
   vocab_size     SentencePiece vocab size (the byte tokenizer always has 259).
-  seq_len        length of a packed row.
+  seq_len        length of a packed row (source='bytes': of a row, in bytes).
+  byte_dataset   source='bytes': 'cpu_states' | 'abc_to_midi' | 'midi_to_abc' | 'digits_bmp' |
+                 'wav_tones' (local TFDS builders, byte_datasets.py; built into data_dir on
+                 first use) | 'files' (every non-hidden file under byte_dir is one example;
+                 train/validation split by a hash of the path, as text_dir).
+  byte_config    the builder config of byte_dataset: 'tiny' or 'full'; cpu_states also has
+                 '1k', '10k', '100k' (byte_datasets.py says what each holds).
+  byte_dir       the folder of source='bytes', byte_dataset='files'.
   shuffle_seed   meant as the `seed` the training loop passes to `make_train_iterator`.
 
 A document becomes tokens [bos] + encode(text) + [eos], cut into chunks of at most seq_len + 1
@@ -21,13 +29,24 @@ tokens that overlap by one; a chunk gives `inputs = chunk[:-1]`, `targets = chun
 are packed first-fit into rows of seq_len, so every target token appears exactly once per epoch
 and none is predicted across documents. Batches are dicts of int32 [local_batch, seq_len]:
 `inputs`, `targets`, `segment_ids` (1, 2, ... per chunk in a row, 0 = padding) and `positions`
-(0-based within a segment, 0 at padding). Each process reads only records
+(0-based within a segment, 0 at padding).
+
+source='bytes' (bGPT) packs nothing: a row is one example's bytes, laid out in patches of
+`patch_size` (model.patch_size) as byte_rows.py documents: the file (or a conversion's input,
+a separator patch and its output), padded with 256 to whole patches, then an end patch of 256s,
+then 256 up to seq_len; inputs == targets, segment_ids 1 through the end patch and 0 after,
+positions 0..seq_len - 1; labelled datasets (digits_bmp, wav_tones) add `label` [local_batch].
+Examples longer than seq_len - patch_size are cropped (a warning says how many, once per split);
+an empty file, a byte outside 0..255 or a seq_len patch_size does not divide is a ConfigError.
+
+Each process reads only records
 `process_index::process_count`. Everything runs in-process, so an iterator's `get_state()` /
 `set_state()` restores its exact position.
 """
 import os
 import pathlib
 import re
+import warnings
 import zlib
 
 import grain
@@ -35,9 +54,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from llm_research.data import stdlib_corpus
-from llm_research.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, Tokenizer,
-                                          train_sentencepiece)
+from llm_research.data import byte_datasets, byte_rows, stdlib_corpus
+from llm_research.data.tokenizers import (ByteTokenizer, RawByteTokenizer, SentencePieceTokenizer,
+                                          Tokenizer, train_sentencepiece)
 from llm_research.errors import ConfigError
 
 # Chunks shuffled together in training, so that a row's neighbours come from other documents.
@@ -67,6 +86,41 @@ class TextDirSource:
             "path": path.relative_to(self._root).as_posix()}
 
 
+class ByteDirSource(TextDirSource):
+  """One split of a folder's files as bytes: {'parts': [file bytes], 'path': str}."""
+
+  def __init__(self, directory: str, split: str):
+    super().__init__(directory, split)
+    for path in self._paths:
+      if path.stat().st_size == 0:
+        raise ConfigError(f"{path} in data.byte_dir {directory!r} is an empty file: nothing to "
+                          "learn from (remove it)")
+
+  def __getitem__(self, index: int) -> dict:
+    path = self._paths[index]
+    return {"parts": [path.read_bytes()], "path": path.relative_to(self._root).as_posix()}
+
+
+class _ByteExamples:
+  """A byte dataset's TFDS records as examples: {'parts': [...], 'label': int (if labelled)}."""
+
+  def __init__(self, source, example):
+    self._source, self._example = source, example
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _as_example(self, record: dict) -> dict:
+    parts, label = self._example(record)
+    return {"parts": parts} if label is None else {"parts": parts, "label": label}
+
+  def __getitem__(self, index: int) -> dict:
+    return self._as_example(self._source[index])
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [self._as_example(record) for record in self._source.__getitems__(indices)]
+
+
 def document_text(record: dict) -> str:
   text = record["text"]
   return text.decode("utf-8") if isinstance(text, bytes) else text
@@ -88,6 +142,45 @@ def _stdlib_source(data_config: ml_collections.ConfigDict, split: str):
                                        data_dir=data_config.data_dir, file_format="array_record")
   builder.download_and_prepare()  # Builds locally on first use; a no-op afterwards.
   return _prepared_tfds(builder, "stdlib_source", data_config.data_dir, split)
+
+
+def check_byte_config(data_config: ml_collections.ConfigDict, patch_size: int) -> None:
+  """Refuses, naming the key, a source='bytes' setting no run can use (cheap: builds nothing)."""
+  byte_rows.check_lengths(data_config.seq_len, patch_size)
+  _check_byte_dataset(data_config)
+
+
+def _check_byte_dataset(data_config: ml_collections.ConfigDict) -> None:
+  name, config_name = data_config.byte_dataset, data_config.byte_config
+  if name == "files":
+    if not os.path.isdir(data_config.byte_dir):
+      raise ConfigError(f"data.byte_dir {data_config.byte_dir!r} does not exist")
+    return
+  if name not in byte_datasets.BYTE_DATASETS:
+    raise ConfigError(f"unknown data.byte_dataset {name!r}: use one of "
+                      f"{[*byte_datasets.BYTE_DATASETS, 'files']}")
+  configs = [config.name for config in byte_datasets.BYTE_DATASETS[name].builder.BUILDER_CONFIGS]
+  if config_name not in configs:
+    raise ConfigError(f"data.byte_config={config_name!r} is not a config of data.byte_dataset="
+                      f"{name!r}: use one of {configs}")
+
+
+def _byte_dataset_source(data_config: ml_collections.ConfigDict, split: str):
+  dataset = byte_datasets.BYTE_DATASETS[data_config.byte_dataset]
+  builder = dataset.builder(config=data_config.byte_config, data_dir=data_config.data_dir,
+                            file_format="array_record")
+  builder.download_and_prepare()  # Builds locally on first use; a no-op afterwards.
+  source = _prepared_tfds(builder, dataset.builder.name, data_config.data_dir, split)
+  return _ByteExamples(source, dataset.example)
+
+
+def _byte_source(data_config: ml_collections.ConfigDict, split: str):
+  """(source, its description) of source='bytes'."""
+  _check_byte_dataset(data_config)
+  if data_config.byte_dataset == "files":
+    return ByteDirSource(data_config.byte_dir, split), f"byte_dir {data_config.byte_dir!r}"
+  return (_byte_dataset_source(data_config, split),
+          f"{data_config.byte_dataset}/{data_config.byte_config}")
 
 
 def _tfds_source(data_config: ml_collections.ConfigDict, split: str):
@@ -123,7 +216,8 @@ class _TextFeature:
 
 
 def load_source(data_config: ml_collections.ConfigDict, split: str):
-  """A random-access source of {'text': str or bytes, ...} records for one split."""
+  """A random-access source of {'text': str or bytes, ...} records for one split; for
+  source='bytes', of examples {'parts': [bytes or uint8 arrays], 'label': int (if labelled)}."""
   if data_config.source == "stdlib":
     source, what = _stdlib_source(data_config, split), f"stdlib_source/{data_config.stdlib_config}"
   elif data_config.source == "tfds":
@@ -132,9 +226,11 @@ def load_source(data_config: ml_collections.ConfigDict, split: str):
     if not os.path.isdir(data_config.text_dir):
       raise ConfigError(f"data.text_dir {data_config.text_dir!r} does not exist")
     source, what = TextDirSource(data_config.text_dir, split), f"text_dir {data_config.text_dir!r}"
+  elif data_config.source == "bytes":
+    source, what = _byte_source(data_config, split)
   else:
     raise ConfigError(f"unknown data.source {data_config.source!r}: "
-                      "use 'stdlib', 'tfds' or 'text_dir'")
+                      "use 'stdlib', 'tfds', 'text_dir' or 'bytes'")
   if len(source) == 0:
     raise ConfigError(f"{what} has no records in split {split!r}")
   return source
@@ -180,11 +276,13 @@ def _packed_rows(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int
 
 
 def _process_documents(data_config: ml_collections.ConfigDict, split: str, process_index: int,
-                       process_count: int) -> grain.MapDataset:
-  """This process's slice of a split's records; it reads no other records."""
+                       process_count: int, source=None) -> grain.MapDataset:
+  """This process's slice of a split's records (of `source`, if given, else the configured
+  one); it reads no other records."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-  documents = grain.MapDataset.source(load_source(data_config, split))
+  source = load_source(data_config, split) if source is None else source
+  documents = grain.MapDataset.source(source)
   shard = documents[process_index::process_count]
   if len(shard) == 0:
     raise ConfigError(f"split {split!r} has {len(documents)} records: too few for "
@@ -192,37 +290,96 @@ def _process_documents(data_config: ml_collections.ConfigDict, split: str, proce
   return shard
 
 
+# Cropped examples per (corpus, split, process slice, seq_len, patch_size): counted and
+# warned about once per process.
+_CROPPED_EXAMPLES: dict[tuple, int] = {}
+
+
+def _warn_cropped(data_config: ml_collections.ConfigDict, source, split: str, patch_size: int,
+                  process: tuple[int, int]) -> None:
+  """Warns (once) how many of this process's examples of `split` a row cannot hold whole."""
+  seq_len = data_config.seq_len
+  what = (f"byte_dir {data_config.byte_dir!r}" if data_config.byte_dataset == "files" else
+          f"{data_config.byte_dataset}/{data_config.byte_config} in {data_config.data_dir!r}")
+  key = (what, split, process, seq_len, patch_size)
+  if key in _CROPPED_EXAMPLES:
+    return
+  indices = range(process[0], len(source), process[1])
+  read = getattr(source, "__getitems__", lambda chunk: [source[i] for i in chunk])
+  cropped = sum(
+      byte_rows.laid_out_length([len(part) for part in example["parts"]], patch_size)
+      > seq_len - patch_size
+      for start in range(0, len(indices), 4096) for example in read(indices[start:start + 4096]))
+  _CROPPED_EXAMPLES[key] = cropped
+  if cropped:
+    warnings.warn(f"{cropped} of {len(indices)} examples of split {split!r} of {what} are "
+                  f"cropped: a row of data.seq_len={seq_len} holds {seq_len - patch_size} "
+                  f"bytes before its end patch (model.patch_size={patch_size})", stacklevel=4)
+
+
+def _byte_rows(data_config: ml_collections.ConfigDict, split: str, patch_size: int,
+               shuffle_seed: int | None, process: tuple[int, int]) -> grain.IterDataset:
+  """This process's examples of `split` -> rows {inputs, targets, segment_ids, positions[,
+  label]} (byte_rows.py); with a shuffle seed, endless and reshuffled every epoch."""
+  check_byte_config(data_config, patch_size)
+  source = load_source(data_config, split)
+  examples = _process_documents(data_config, split, *process, source=source)
+  _warn_cropped(data_config, source, split, patch_size, process)
+  if shuffle_seed is not None:
+    examples = examples.shuffle(shuffle_seed).repeat()
+  seq_len = data_config.seq_len
+  rows = examples.map(lambda example: byte_rows.make_row(
+      example["parts"], seq_len, patch_size, example.get("label"),
+      where=f"an example of split {split!r}"))
+  return rows.to_iter_dataset(_READ_OPTIONS)
+
+
 def make_train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                         global_batch_size: int, seed: int, process_index: int,
-                        process_count: int) -> grain.DatasetIterator:
+                        process_count: int,
+                        patch_size: int = byte_rows.DEFAULT_PATCH_SIZE) -> grain.DatasetIterator:
   """Endless training batches for this process: reshuffles its documents every epoch.
 
   `seed` (normally data.shuffle_seed) drives the document order and the shuffle of chunks
   within windows of TRAIN_SHUFFLE_WINDOW; those windows blur epoch boundaries a little.
+  source='bytes': one example a row, in patches of `patch_size` (model.patch_size); the
+  tokenizer is not used.
   """
   local_batch = _local_batch_size(global_batch_size, process_count)
-  documents = _process_documents(data_config, "train", process_index, process_count)
-  documents = documents.shuffle(seed).repeat()  # A different order each epoch.
-  rows = _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=seed)
+  if data_config.source == "bytes":
+    rows = _byte_rows(data_config, "train", patch_size, shuffle_seed=seed,
+                      process=(process_index, process_count))
+  else:
+    documents = _process_documents(data_config, "train", process_index, process_count)
+    documents = documents.shuffle(seed).repeat()  # A different order each epoch.
+    rows = _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=seed)
   return iter(rows.batch(local_batch))
 
 
 def make_eval_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                        global_batch_size: int, process_index: int, process_count: int,
-                       split: str = "validation") -> grain.DatasetIterator:
+                       split: str = "validation",
+                       patch_size: int = byte_rows.DEFAULT_PATCH_SIZE) -> grain.DatasetIterator:
   """One deterministic pass over this process's records of `split`.
 
-  The last batch is padded to full size with all-zero rows (segment_ids 0: count no loss there),
-  so every target token is seen exactly once. Processes may get different numbers of batches.
+  The last batch is padded to full size with all-zero rows (segment_ids 0: count no loss there;
+  label 0 for labelled bytes), so every target token is seen exactly once. Processes may get
+  different numbers of batches. source='bytes': as make_train_iterator.
   """
   local_batch = _local_batch_size(global_batch_size, process_count)
-  documents = _process_documents(data_config, split, process_index, process_count)
-  rows = _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=None)
+  if data_config.source == "bytes":
+    rows = _byte_rows(data_config, split, patch_size, shuffle_seed=None,
+                      process=(process_index, process_count))
+  else:
+    documents = _process_documents(data_config, split, process_index, process_count)
+    rows = _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=None)
   return iter(rows.batch(local_batch).map(lambda batch: _pad_rows(batch, local_batch)))
 
 
 def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-  return {key: np.pad(value, [(0, rows - len(value)), (0, 0)]) for key, value in batch.items()}
+  """Pads every array's first axis (rows) to `rows` with zeros."""
+  return {key: np.pad(value, [(0, rows - len(value))] + [(0, 0)] * (value.ndim - 1))
+          for key, value in batch.items()}
 
 
 def _source_name(data_config: ml_collections.ConfigDict) -> str:
@@ -237,8 +394,18 @@ def _source_name(data_config: ml_collections.ConfigDict) -> str:
   raise ConfigError(f"unknown data.source {data_config.source!r}")
 
 
+def vocab_size(data_config: ml_collections.ConfigDict) -> int:
+  """The configured tokenizer's vocabulary size, known without building the tokenizer."""
+  if data_config.source == "bytes":
+    return RawByteTokenizer.vocab_size
+  return ByteTokenizer.vocab_size if data_config.tokenizer == "byte" else data_config.vocab_size
+
+
 def get_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
-  """The configured tokenizer; a SentencePiece model is trained on first use, then cached."""
+  """The configured tokenizer; a SentencePiece model is trained on first use, then cached.
+  source='bytes' always has raw bytes (RawByteTokenizer), whatever data.tokenizer says."""
+  if data_config.source == "bytes":
+    return RawByteTokenizer()
   if data_config.tokenizer == "byte":
     return ByteTokenizer()
   if data_config.tokenizer != "sentencepiece":

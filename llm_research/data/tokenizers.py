@@ -1,8 +1,10 @@
-"""Tokenizers: a byte-level one and a SentencePiece BPE one (`train_sentencepiece`; the
-pipeline trains it on the configured corpus: `pipeline.get_tokenizer`).
+"""Tokenizers: a byte-level one, a SentencePiece BPE one (`train_sentencepiece`; the pipeline
+trains it on the configured corpus: `pipeline.get_tokenizer`), and bGPT's raw bytes.
 
-Both follow `Tokenizer`: ids 0 pad, 1 bos, 2 eos; `encode` adds no bos/eos; `decode` drops
-pad/bos/eos. Every str round-trips: `decode(encode(text)) == text`.
+All follow `Tokenizer`: `encode` adds no bos/eos; `decode` drops pad/bos/eos; every str
+round-trips: `decode(encode(text)) == text`. The byte and SentencePiece tokenizers have ids
+0 pad, 1 bos, 2 eos; `RawByteTokenizer` (data.source="bytes") keeps byte values as ids and has
+one more, 256, for pad, bos and eos alike (bGPT's patch padding).
 """
 import os
 import tempfile
@@ -45,6 +47,28 @@ class ByteTokenizer:
     # errors="replace" only matters for byte sequences a model made up.
     data = bytes(int(i) - self._offset for i in ids if int(i) >= self._offset)
     return data.decode("utf-8", errors="replace")
+
+
+class RawByteTokenizer:
+  """bGPT's ids: a byte is its value 0..255; 256 is padding (and stands for bos and eos)."""
+
+  vocab_size = 257
+  pad_id = bos_id = eos_id = 256
+
+  def encode(self, text: str) -> list[int]:
+    return self.encode_bytes(text.encode("utf-8"))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+  @staticmethod
+  def encode_bytes(data: bytes) -> list[int]:
+    return list(data)
+
+  @staticmethod
+  def decode_bytes(ids: Sequence[int]) -> bytes:
+    """The bytes among `ids`; 256 (padding, patch ends, separators) is dropped."""
+    return bytes(int(i) for i in ids if 0 <= int(i) < 256)
 
 
 class SentencePieceTokenizer:

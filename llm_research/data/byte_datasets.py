@@ -1,0 +1,245 @@
+"""TFDS builders of bGPT's byte datasets, generated locally (nothing is downloaded).
+
+Each is built into `data.data_dir` on first use by the pipeline (`data.source="bytes"`,
+`data.byte_dataset`, `data.byte_config`; see pipeline.py), deterministically: the same config
+gives the same bytes on every machine (music21's MIDI writer aside, for ABC/MIDI). Byte fields
+are uint8 vectors. `BYTE_DATASETS` maps each `data.byte_dataset` to its builder and to how a
+record becomes an example: a list of parts (one file, or a conversion's input and output) and,
+for labelled data, a label.
+
+| builder (configs)                                  | splits                  | record         |
+|----------------------------------------------------|-------------------------|----------------|
+| `cpu_states` (tiny, 1k, 10k, 100k, full)           | train, validation, test | memory, states |
+| `abc_midi` (tiny, full)                            | train, validation       | abc, midi, id  |
+| `digits_bmp` (tiny, full)                          | train, validation       | bytes, label   |
+| `wav_tones` (tiny, full)                           | train, validation       | bytes, label   |
+
+- cpu_states (cpu_states.py): random programs and their states. `1k`, `10k`, `100k` are 10^3,
+  10^4, 10^5 train programs of 1 to 16 instructions in a 64-byte memory (an example of at most
+  64 + 16 * 16 = 320 bytes); they are nested (`1k` holds the first 1000 programs `10k` draws)
+  and share one validation (200) and test (1000) set, with no program in two splits. `full` is
+  the paper's setting: 1 KB memory, 1 to 256 instructions, 10^4 programs (examples up to
+  1024 + 256 * 16 bytes). `tiny`: 64 / 16 / 16 programs of at most 8 instructions, for tests.
+  Builds in under a second (tiny, 1k), 2 s (10k), 13 s (100k), 10 s (full) on one core.
+- abc_midi (abc_midi.py): tunes of music21's corpus in a fixed pseudo-random order (by a hash of
+  their id), split about 5% validation by that hash; tunes music21 cannot convert (about 8%) are
+  skipped (189 of 2189 in `full`), and the build says how many. `full`: 2000 train and 100
+  validation tunes (about 3 minutes on an idle core: music21 converts about 15 tunes a second;
+  8 on a busy 2-core machine); `tiny`: 16 and 4 (seconds). An example (ABC and MIDI) is a median
+  of 950 bytes; rows of 4096 bytes hold 98% of them whole (2048: 79%).
+- digits_bmp (media.py): scikit-learn's 1797 digits as 32 x 32 BMPs; a seeded permutation puts
+  180 in validation. `tiny`: 64 train, 16 validation. Seconds.
+- wav_tones (media.py): `full`: 2000 train and 400 validation clips; `tiny`: 64 and 16. Seconds.
+"""
+import dataclasses
+import zlib
+from typing import Callable, NamedTuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from llm_research.data import abc_midi, cpu_states, media
+from llm_research.data.stdlib_corpus import split_of
+
+SEED = 0  # every builder's generator seed
+
+
+def _byte_vector(data: bytes) -> np.ndarray:
+  return np.frombuffer(data, np.uint8)
+
+
+def _byte_feature():
+  return tfds.features.Tensor(shape=(None,), dtype=np.uint8)
+
+
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
+  """A builder whose data is generated here: no downloads, no checksums file to look up."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  url_infos = None
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {split: self._generate_examples(examples)
+            for split, examples in self._splits().items()}
+
+  def _generate_examples(self, examples):
+    yield from examples
+
+
+@dataclasses.dataclass
+class CpuStatesConfig(tfds.core.BuilderConfig):
+  """Sizes of a cpu_states build; other sizes: `CpuStates(config=CpuStatesConfig(name=...,
+  ...), data_dir=...)`."""
+
+  train_programs: int = 0
+  validation_programs: int = 200
+  test_programs: int = 1000
+  max_instructions: int = 16
+  memory_size: int = 64
+  seed: int = SEED
+
+
+class CpuStates(_LocalBuilder):
+  """Random programs of bGPT's simplified CPU and the states of running them."""
+
+  name = "cpu_states"
+  BUILDER_CONFIGS = [
+      CpuStatesConfig(name="tiny", train_programs=64, validation_programs=16, test_programs=16,
+                      max_instructions=8),
+      CpuStatesConfig(name="1k", train_programs=10**3),
+      CpuStatesConfig(name="10k", train_programs=10**4),
+      CpuStatesConfig(name="100k", train_programs=10**5),
+      CpuStatesConfig(name="full", train_programs=10**4, max_instructions=256, memory_size=1024),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"memory": _byte_feature(),
+                                             "states": _byte_feature()}),
+        description="Programs (memory blocks) of bGPT's simplified CPU and their states.")
+
+  def _splits(self):
+    config = self.builder_config
+    # Held-out programs first; a later split skips any program an earlier one holds.
+    sizes = {"test": config.test_programs, "validation": config.validation_programs,
+             "train": config.train_programs}
+    taken, splits = set(), {}
+    for index, (split, size) in enumerate(sizes.items()):
+      rng = np.random.default_rng([config.seed, index])
+      programs = []
+      while len(programs) < size:
+        memory = cpu_states.random_program(rng, config.max_instructions, config.memory_size)
+        if memory not in taken:
+          taken.add(memory)
+          programs.append(memory)
+      splits[split] = programs
+    return {split: ((i, {"memory": _byte_vector(memory),
+                         "states": _byte_vector(cpu_states.simulate(memory))})
+                    for i, memory in enumerate(programs))
+            for split, programs in splits.items()}
+
+
+@dataclasses.dataclass
+class SplitSizesConfig(tfds.core.BuilderConfig):
+  train_examples: int = 0
+  validation_examples: int = 0
+
+
+class AbcMidi(_LocalBuilder):
+  """Tunes of music21's ABC corpus, each with the MIDI file music21 makes of it."""
+
+  name = "abc_midi"
+  BUILDER_CONFIGS = [
+      SplitSizesConfig(name="tiny", train_examples=16, validation_examples=4),
+      SplitSizesConfig(name="full", train_examples=2000, validation_examples=100),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"abc": _byte_feature(), "midi": _byte_feature(),
+                                             "id": tfds.features.Text()}),
+        description="ABC tunes from music21's corpus and their MIDI files.")
+
+  def _splits(self):
+    limits = {"train": self.builder_config.train_examples,
+              "validation": self.builder_config.validation_examples}
+    tunes = {split: [] for split in limits}
+    for tune_id, abc in sorted(abc_midi.corpus_tunes(), key=lambda t: zlib.crc32(t[0].encode())):
+      split = split_of(tune_id)
+      if len(tunes[split]) < limits[split] * 1.2:  # room for the tunes music21 cannot convert
+        tunes[split].append((tune_id, abc))
+    return {split: self._converted(tunes[split], limits[split], split) for split in limits}
+
+  def _converted(self, tunes, limit: int, split: str):
+    count = skipped = 0
+    for tune_id, abc in tunes:
+      if count == limit:
+        break
+      midi = abc_midi.to_midi(abc)
+      if midi is None:
+        skipped += 1
+        continue
+      count += 1
+      yield tune_id, {"abc": _byte_vector(abc.encode("utf-8")), "midi": _byte_vector(midi),
+                      "id": tune_id}
+    print(f"abc_midi/{self.builder_config.name} {split}: {count} tunes converted, {skipped} "
+          "skipped (music21 could not convert them)")
+
+
+class DigitsBmp(_LocalBuilder):
+  """scikit-learn's handwritten digits as 32 x 32 24-bit BMP files, labelled."""
+
+  name = "digits_bmp"
+  VALIDATION_DIGITS = 180
+  BUILDER_CONFIGS = [
+      SplitSizesConfig(name="tiny", train_examples=64, validation_examples=16),
+      SplitSizesConfig(name="full", train_examples=1797 - VALIDATION_DIGITS,
+                       validation_examples=VALIDATION_DIGITS),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "bytes": _byte_feature(), "label": tfds.features.ClassLabel(num_classes=10)}),
+        description="Handwritten digits (scikit-learn) as BMP files.")
+
+  def _splits(self):
+    digits = media.digit_bmps()
+    order = np.random.default_rng(SEED).permutation(len(digits))
+    held_out, kept = order[:self.VALIDATION_DIGITS], order[self.VALIDATION_DIGITS:]
+    config = self.builder_config
+    return {"train": _labelled(digits, kept[:config.train_examples]),
+            "validation": _labelled(digits, held_out[:config.validation_examples])}
+
+
+def _labelled(examples: list[tuple[bytes, int]], indices):
+  for index in indices:
+    data, label = examples[index]
+    yield int(index), {"bytes": _byte_vector(data), "label": label}
+
+
+class WavTones(_LocalBuilder):
+  """Generated 8 kHz 8-bit mono WAV clips of four waveforms, labelled by waveform."""
+
+  name = "wav_tones"
+  BUILDER_CONFIGS = [
+      SplitSizesConfig(name="tiny", train_examples=64, validation_examples=16),
+      SplitSizesConfig(name="full", train_examples=2000, validation_examples=400),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "bytes": _byte_feature(), "label": tfds.features.ClassLabel(names=media.WAVEFORMS)}),
+        description="WAV clips of sine, square, sawtooth and noise tones.")
+
+  def _splits(self):
+    config = self.builder_config
+    sizes = {"train": config.train_examples, "validation": config.validation_examples}
+    splits = {}
+    for index, (split, size) in enumerate(sizes.items()):
+      clips = media.sound_clips(size, seed=[SEED, index])
+      splits[split] = _labelled(clips, range(size))
+    return splits
+
+
+class ByteDataset(NamedTuple):
+  """A `data.byte_dataset`: its builder, a record's example (parts, and a label or None) and
+  its number of classes (0: no labels)."""
+
+  builder: type[_LocalBuilder]
+  example: Callable[[dict], tuple[list[np.ndarray], int | None]]
+  num_classes: int = 0
+
+
+BYTE_DATASETS = {
+    "cpu_states": ByteDataset(
+        CpuStates, lambda r: ([np.concatenate([r["memory"], r["states"]])], None)),
+    "abc_to_midi": ByteDataset(AbcMidi, lambda r: ([r["abc"], r["midi"]], None)),
+    "midi_to_abc": ByteDataset(AbcMidi, lambda r: ([r["midi"], r["abc"]], None)),
+    "digits_bmp": ByteDataset(DigitsBmp, lambda r: ([r["bytes"]], int(r["label"])), 10),
+    "wav_tones": ByteDataset(WavTones, lambda r: ([r["bytes"]], int(r["label"])),
+                             len(media.WAVEFORMS)),
+}
