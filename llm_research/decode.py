@@ -2,14 +2,15 @@
 
 Prompts of different lengths share a batch: each row writes its cache slots at its own
 positions, so no left-padding or position shifting is needed. Any registered model generates
-here: `config.make_model(decode=True, cache_len=...)` (llm_research.models.registry).
+here: `config.make_model(decode=True, cache_len=...)` (llm_research.models.registry), unless its
+config brings its own `generate(params, prompts, **settings)` (bGPT's two-level caches), which
+`generate` then calls.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 
 
 def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int = 0,
@@ -40,6 +41,10 @@ def generate(config, params, prompts: list[list[int]], *,
 
   Returns the new tokens per prompt, cut after `eos_id` if it appears.
   """
+  own = getattr(config, "generate", None)
+  if own is not None:
+    return own(params, prompts, max_new_tokens=max_new_tokens, rng=rng,
+               temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("generate needs at least one prompt, each of at least one token")
   lengths = np.array([len(p) for p in prompts], np.int32)

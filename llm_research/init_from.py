@@ -12,6 +12,9 @@ The surgery, from what differs between the source run's config.json and this con
     moe_router, capacity_factor as this config says): upcycling (methods/upcycle.py; the
     routers drawn from train.seed); both together: up-scaled, then upcycled;
   - model.scan_layers: the layers are re-laid out;
+  - a key of the model config's HEAD_KEYS (bGPT: model.num_classes, generative -> classifier):
+    every param of the same path and shape is copied, the others (a new head) are initialised
+    from train.seed, and params the target lacks (bGPT's byte decoder) are dropped;
   - nothing: the params are copied (continue a run with a fresh optimizer).
 Every other shape key (model.embed_dim, ..., data.tokenizer, data.vocab_size) must be the
 same: anything else is a ConfigError of one line naming what differs. The source run is only
@@ -29,7 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from llm_research import sharding
-from llm_research.data import ByteTokenizer
+from llm_research.data import pipeline
 from llm_research.errors import ConfigError
 from llm_research.methods.depth_upscale import depth_upscale
 from llm_research.methods.layer_list import join_layers, shape_difference, split_layers
@@ -55,8 +58,7 @@ def has_checkpoints(workdir: str) -> bool:
 
 
 def _vocab_size(config) -> int:
-  dc = config.data
-  return ByteTokenizer.vocab_size if dc.tokenizer == "byte" else dc.vocab_size
+  return pipeline.vocab_size(config.data)
 
 
 def convert(source, target, params, *, seed: int = 0):
@@ -68,9 +70,10 @@ def convert(source, target, params, *, seed: int = 0):
   keys = [k for k in registry.shape_keys(registry_name(target))
           if getattr(source, k) != getattr(target, k)]
   if not isinstance(target, TransformerConfig):
-    if keys:
-      raise ConfigError(_differ(source, target, keys) + ": these must be the same")
-    return params
+    fixed = [k for k in keys if k not in getattr(target, "HEAD_KEYS", ())]
+    if fixed:
+      raise ConfigError(_differ(source, target, fixed) + ": these must be the same")
+    return _with_fresh_head(target, params, seed=seed) if keys else params
   fixed = [k for k in keys if k not in SURGERY_KEYS]
   if fixed:
     raise ConfigError(_differ(source, target, fixed) + ": only model.num_layers (depth "
@@ -94,6 +97,16 @@ def convert(source, target, params, *, seed: int = 0):
     raise ConfigError(_differ(config, target, moe_keys) + ": an MoE model converts to no other "
                       "MoE layout or to a dense model")
   return join_layers(target, *split_layers(config, params))
+
+
+def _with_fresh_head(target, params, *, seed: int):
+  """Params of the model `target`: those of `params` with the same path and shape, the others
+  freshly initialised from `seed` (what `params` has beyond them is dropped)."""
+  fresh = nn.meta.unbox(jax.jit(target.make_model().init)(
+      jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))["params"])
+  kept = dict(jax.tree_util.tree_leaves_with_path(params))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: kept[path] if path in kept and kept[path].shape == x.shape else x, fresh)
 
 
 def registry_name(model_config) -> str:

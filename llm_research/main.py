@@ -79,9 +79,17 @@ def run(args, overrides) -> dict:
   final = train.train_and_evaluate(config, args.workdir)
   if jax.process_count() == 1 and "eval_loss" in final:  # multi-host: use llm_research.sample
     _, tokenizer, model_config, params, step = sample.load_run(args.workdir)
+    if getattr(model_config, "loss_sums", None):  # its own objective (a classifier): no sample
+      others = [f"{k.removeprefix('eval_')} {v:.3f}" for k, v in final.items()
+                if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")]
+      print(f"step {step}: validation loss {final['eval_loss']:.3f}; {', '.join(others)}")
+      return final
+    unit = getattr(model_config, "loss_unit", None) or "token"
+    bits = final.get(f"eval_bits_per_{unit}")
     baseline = train.unigram_baseline(config, tokenizer)
-    print(f"step {step}: validation loss {final['eval_loss']:.3f} nats/token; "
-          f"unigram baseline {baseline:.3f}")
+    print(f"step {step}: validation loss {final['eval_loss']:.3f} nats/{unit}"
+          + (f" ({bits:.3f} bits/{unit})" if bits is not None else "")
+          + f"; unigram baseline {baseline:.3f}")
     if config.sample.max_new_tokens > 0:
       text = sample.sample_texts(config, tokenizer, model_config, params,
                                  [config.sample.prompt])[0]

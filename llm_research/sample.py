@@ -43,7 +43,9 @@ def load_run(workdir: str):
 def sample_texts(config, tokenizer, model_config, params, prompts, **overrides) -> list[str]:
   """Continuations of `prompts` (strings), with `config.sample` settings unless overridden."""
   settings = {**config.sample.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
-  encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  # bos first, unless the model starts a sequence itself (bGPT: its beginning-of-sequence patch).
+  start = [] if getattr(model_config, "supplies_start", False) else [tokenizer.bos_id]
+  encoded = [start + tokenizer.encode(p) for p in prompts]
   new = decode.generate(model_config, params, encoded,
                         max_new_tokens=settings["max_new_tokens"],
                         rng=jax.random.key(settings["seed"]),
@@ -79,12 +81,12 @@ def main(argv=None):
       sys.exit(f"error: --{flag}={value} {what}")
   try:
     config, tokenizer, model_config, params, step = load_run(args.workdir)
-  except ConfigError as error:
+    prompts = args.prompt or [config.sample.prompt]
+    texts = sample_texts(config, tokenizer, model_config, params, prompts,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  except ConfigError as error:  # e.g. a run that does not generate (a bGPT classifier)
     sys.exit(f"error: {error}")
-  prompts = args.prompt or [config.sample.prompt]
-  texts = sample_texts(config, tokenizer, model_config, params, prompts,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
   for prompt, text in zip(prompts, texts):
     print(f"--- step {step}, prompt {prompt!r} ---\n{prompt}{text}")
   return texts

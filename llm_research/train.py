@@ -17,7 +17,6 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from llm_research import data, init_from, sharding
-from llm_research.data import ByteTokenizer
 from llm_research.checkpoints import Checkpointer
 from llm_research.config import ConfigError
 from llm_research.metrics import MetricsWriter, peak_flops_per_device
@@ -119,21 +118,37 @@ def token_losses(logits, targets, weights, z_loss: float = 0.0):
   return nll_sum + z_loss * jnp.sum(jnp.square(log_z) * weights), nll_sum, jnp.sum(weights)
 
 
+# A loss-sums key "mean/<name>" is a sum divided by the count when logged, as `<name>` (train)
+# and `eval_<name>` (eval): e.g. a classifier's correct rows, logged as accuracy.
+MEAN = "mean/"
+
+
+def token_loss_sums(logits, batch, z_loss):
+  """The default objective: next-token cross-entropy over the tokens with segment_ids > 0;
+  (objective, {"nll": its sum, "count": tokens})."""
+  objective, nll, count = token_losses(logits, batch["targets"], batch["segment_ids"] > 0,
+                                       z_loss)
+  return objective, {"nll": nll, "count": count}
+
+
 def _batch_losses(params, model, batch, z_loss):
   """(objective, sums) over one batch's tokens: sums are the NLL, the token count, per
   auxiliary loss the model sows that loss times the token count (so that dividing by the
   whole batch's count weighs micro-batches by their tokens, like the NLL), and the metrics it
-  sows (`sow_metric`: counts, summed over micro-batches as they are)."""
+  sows (`sow_metric`: counts, summed over micro-batches as they are).
+
+  The model's config may define its own objective, `loss_sums(outputs, batch, z_loss) ->
+  (objective, sums)` with "nll", "count" and MEAN sums (e.g. bGPT's classifier); None or
+  absent: `token_loss_sums`."""
   chex.assert_equal_shape([batch[k] for k in ("inputs", "targets", "segment_ids", "positions")])
-  logits, variables = model.apply(
+  outputs, variables = model.apply(
       {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
       mutable=[AUX_LOSS, METRICS])
-  objective, nll, count = token_losses(logits, batch["targets"], batch["segment_ids"] > 0,
-                                       z_loss)
-  aux = {f"aux_loss/{name}": value * count
+  loss_sums = getattr(getattr(model, "config", None), "loss_sums", None) or token_loss_sums
+  objective, sums = loss_sums(outputs, batch, z_loss)
+  aux = {f"aux_loss/{name}": value * sums["count"]
          for name, value in collect_aux_losses(variables).items()}
-  return objective + sum(aux.values()), {"nll": nll, "count": count, **aux,
-                                          **collect_aux_losses(variables, METRICS)}
+  return objective + sum(aux.values()), {**sums, **aux, **collect_aux_losses(variables, METRICS)}
 
 
 def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, grad_accum: int,
@@ -155,9 +170,15 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, gr
                             opt_state=opt_state)
   new_state = apply_hooks(new_state, hooks)
   metrics = {"loss": sums.pop("nll") / count, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(state.step),
-             **{k: v / count if k.startswith("aux_loss/") else v for k, v in sums.items()}}
+             "learning_rate": schedule(state.step), **per_count(sums, count)}
   return new_state, metrics
+
+
+def per_count(sums: dict, count) -> dict:
+  """Logged metrics from loss sums: auxiliary losses and MEAN sums divided by the count (the
+  latter renamed to their name), metrics as they are."""
+  return {k.removeprefix(MEAN): v / count if k.startswith(("aux_loss/", MEAN)) else v
+          for k, v in sums.items()}
 
 
 def accumulated(grads_and_sums: Callable, batch: dict, grad_accum: int):
@@ -194,8 +215,16 @@ def _grads_and_sums(params, model, batch, z_loss):
 
 
 def eval_step(params, batch, *, model):
+  """The NLL, count and MEAN sums of one batch."""
   _, sums = _batch_losses(params, model, batch, 0.0)
-  return sums["nll"], sums["count"]
+  return {k: v for k, v in sums.items() if k in ("nll", "count") or k.startswith(MEAN)}
+
+
+def data_options(model_config) -> dict:
+  """Keyword arguments the model adds to the data iterators (its config's `data_options()`,
+  e.g. bGPT's patch_size), else none."""
+  options = getattr(model_config, "data_options", None)
+  return options() if options else {}
 
 
 def checked_mesh(config) -> jax.sharding.Mesh:
@@ -245,8 +274,8 @@ def check_config_values(config) -> None:
     raise ConfigError(f"train.trainable={tc.trainable!r} is not a regular expression: "
                       f"{error}") from None
   need(tc.method in METHODS, "train.method", f"is not one of {METHODS}")
-  need(dc.source in ("stdlib", "tfds", "text_dir"), "data.source",
-       "is not 'stdlib', 'tfds' or 'text_dir'")
+  need(dc.source in ("stdlib", "tfds", "text_dir", "bytes"), "data.source",
+       "is not 'stdlib', 'tfds', 'text_dir' or 'bytes'")
   need(dc.source != "stdlib" or dc.stdlib_config in ("full", "tiny"), "data.stdlib_config",
        "is not 'full' or 'tiny'")
   need(dc.tokenizer in ("sentencepiece", "byte"), "data.tokenizer",
@@ -261,9 +290,17 @@ def check_config_values(config) -> None:
   need(sc.temperature >= 0, "sample.temperature", "must not be negative (0 is greedy)")
   need(sc.top_k >= 0, "sample.top_k", "must not be negative (0 is off)")
   need(0 < sc.top_p <= 1, "sample.top_p", "must be in (0, 1] (1 is off)")
-  # The model's own checks (its config class), at the vocab the tokenizer will have.
-  model_config = model_config_from(
-      config, ByteTokenizer.vocab_size if dc.tokenizer == "byte" else dc.vocab_size)
+  # The model's own checks (its config class, and the data it takes: `check_data`), at the
+  # vocab the tokenizer will have.
+  model_config = model_config_from(config, data.pipeline.vocab_size(dc))
+  if hasattr(model_config, "check_data"):
+    model_config.check_data(dc)
+  if dc.source == "bytes":  # rows whose inputs are their targets: the model shifts (bGPT)
+    if not getattr(model_config, "supplies_start", False):
+      raise ConfigError(f"data.source='bytes' is for a model that predicts each byte from the "
+                        f"ones before it by itself (model.name='bgpt'), not "
+                        f"model.name={config.model.name!r}")
+    data.pipeline.check_byte_config(dc, **data_options(model_config))
   if tc.method == "lte":  # the lte section, for this model
     method_class("lte").check_config(config, model_config)
 
@@ -389,26 +426,39 @@ class Trainer:
       return self._train_step.lower(state, batch)
 
   def evaluate(self, params, num_batches: int) -> dict:
-    """Mean token loss over the first `num_batches` batches of the validation split."""
+    """Mean loss over the first `num_batches` batches of the validation split (per token, or
+    per what the model's objective counts), its perplexity, the MEAN sums' means as
+    `eval_<name>`, and, for a model that declares the unit of its loss (`loss_unit`, e.g.
+    bGPT's "byte"), `eval_bits_per_<unit>` (the loss / ln 2)."""
     global_batch_size = self.config.train.batch_size
     it = data.make_eval_iterator(
         self.config.data, self.tokenizer, global_batch_size=global_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        split=self.config.data.eval_split)
+        split=self.config.data.eval_split, **data_options(self.model_config))
     rows = global_batch_size // jax.process_count()
     empty_batch = {k: np.zeros((rows, self.config.data.seq_len), np.int32)
                    for k in ("inputs", "targets", "segment_ids", "positions")}
-    nll, count = 0.0, 0.0
+    totals = {}
     with sharding.activate(self.mesh, self.rules):
       for _ in range(num_batches):
         # Every process runs the same number of steps: one out of data feeds empty rows.
-        batch = next(it, None) or empty_batch
-        n, c = self._eval_step(params, sharding.shard_batch(batch, self.mesh, self.rules))
-        nll, count = nll + float(n), count + float(c)
+        batch = next(it, None)
+        if batch is None:
+          batch = empty_batch
+        else:  # empty rows of the same keys (e.g. a classifier's labels)
+          empty_batch = {k: np.zeros_like(v) for k, v in batch.items()}
+        sums = self._eval_step(params, sharding.shard_batch(batch, self.mesh, self.rules))
+        totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+    nll, count = totals.pop("nll"), totals.pop("count")
     if count == 0:
       raise ConfigError(f"the {self.config.data.eval_split!r} split (data.eval_split) gave no "
                         "tokens to evaluate on")
-    return {"eval_loss": nll / count, "eval_perplexity": float(np.exp(nll / count))}
+    result = {"eval_loss": nll / count, "eval_perplexity": float(np.exp(nll / count)),
+              **{f"eval_{k}": v for k, v in per_count(totals, count).items()}}
+    unit = getattr(self.model_config, "loss_unit", None)
+    if unit:
+      result[f"eval_bits_per_{unit}"] = nll / count / np.log(2)
+    return result
 
 
 class _Preemption:
@@ -490,7 +540,8 @@ def train_and_evaluate(config, workdir: str, hooks: tuple[AfterStepHook, ...] = 
                                               trainer.rules, seed=tc.seed)
   train_iter = data.make_train_iterator(
       config.data, tokenizer, global_batch_size=tc.batch_size, seed=config.data.shuffle_seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      **data_options(trainer.model_config))
   checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
   try:  # a checkpoint that does not fit the config: an error before config.json is written
     state, start = checkpointer.restore_latest(trainer.abstract_state(), train_iter, config)
@@ -563,7 +614,8 @@ def unigram_baseline(config, tokenizer, *, train_batches: int = 100) -> float:
   """Validation cross-entropy of the unigram distribution of the first `train_batches`
   training batches (add-one smoothed): the loss a model with no context would reach."""
   kwargs = dict(global_batch_size=config.train.batch_size, process_index=jax.process_index(),
-                process_count=jax.process_count())
+                process_count=jax.process_count(),
+                **data_options(model_config_from(config, tokenizer.vocab_size)))
   counts = np.ones(tokenizer.vocab_size)
   train_iter = data.make_train_iterator(config.data, tokenizer, seed=config.data.shuffle_seed,
                                        **kwargs)

@@ -27,11 +27,16 @@ KV-cache decoding computes the full forward pass. The capacity path and expert c
 whole row at once: a later token can take an expert's slot from an earlier one (and expert
 choice ranks every token of the row), so they are causal only when no copy is dropped, and
 decoding (one token per group: nothing is dropped, every expert takes the token under expert
-choice) does not compute what training computed. Padding tokens take part in routing.
+choice) does not compute what training computed.
+
+Padding. Given `segment_ids` ([batch, length], 0 = padding, as the transformer's), padding tokens
+take no expert slot (capacity and expert choice: no expert is offered them; dropless: their
+combine weights are 0), count in neither router loss nor the dropped count, and come out as 0.
 
 Logged: the weighted load-balancing loss (top-k only; Switch/GShard form
-E * sum_e f_e P_e, f_e the fraction of token copies routed to e, P_e its mean probability; 1
-when uniform) and router z-loss (mean logsumexp(logits)^2) are sown with `sow_aux_loss`
+E * sum_e f_e P_e, f_e the fraction of token copies routed to e, P_e its mean probability over
+the tokens; 1 when uniform) and router z-loss (mean logsumexp(logits)^2), both over the
+non-padding tokens, are sown with `sow_aux_loss`
 ("load_balance", "router_z_loss": added to the objective, logged as aux_loss/<name>), each only
 when its weight is positive; the number of dropped token copies (top-k) or tokens no expert
 took (expert choice) is sown with `sow_metric` as "moe_dropped_tokens": summed over MoE layers
@@ -82,13 +87,16 @@ class Routing(NamedTuple):
   dropped: jax.Array
 
 
-def top_k_capacity_routing(probs: jax.Array, k: int, capacity: int,
-                           renormalize: bool) -> Routing:
+def top_k_capacity_routing(probs: jax.Array, k: int, capacity: int, renormalize: bool,
+                           mask: jax.Array | None = None) -> Routing:
   """Top-k routing of groups of tokens, probs [groups, S, E], each expert keeping its
-  `capacity` highest-scored token copies (ties: the earlier token)."""
+  `capacity` highest-scored token copies (ties: the earlier token); tokens where `mask`
+  [groups, S] is False (padding) are offered to no expert and not counted as dropped."""
   groups, size, num_experts = probs.shape
+  mask = jnp.ones((groups, size), jnp.bool_) if mask is None else mask
   gates, experts, scores = top_k_gates(probs, k, renormalize)  # [groups, S, k]
   chosen = jax.nn.one_hot(experts, num_experts, dtype=jnp.bool_)  # [groups, S, k, E]
+  chosen &= mask[..., None, None]
   # Probabilities are >= 0: -1 marks a copy not routed to the expert.
   offered = jnp.where(chosen, scores[..., None], -1.0).reshape(groups, size * k, num_experts)
   kept_scores, copy = jax.lax.top_k(offered.swapaxes(1, 2), capacity)  # [groups, E, C]
@@ -98,18 +106,25 @@ def top_k_capacity_routing(probs: jax.Array, k: int, capacity: int,
   weight = jnp.take_along_axis(gates.reshape(groups, 1, size * k), copy, axis=2)  # [g, E, C]
   dispatch = jnp.moveaxis(dispatch, 3, 1)  # [groups, S, E, C]
   combine = dispatch * jnp.where(kept, weight, 0.0)[:, None]
-  return Routing(dispatch, combine, groups * size * k - jnp.sum(kept))
+  return Routing(dispatch, combine, k * jnp.sum(mask) - jnp.sum(kept))
 
 
-def expert_choice_routing(probs: jax.Array, capacity: int) -> Routing:
+def expert_choice_routing(probs: jax.Array, capacity: int,
+                          mask: jax.Array | None = None) -> Routing:
   """Each expert takes the `capacity` tokens of each group (probs [groups, S, E]) it gives the
-  highest probability (ties: the earlier token), weighted by that probability."""
-  size = probs.shape[1]
-  weight, token = jax.lax.top_k(probs.swapaxes(1, 2), capacity)  # [groups, E, C]
-  dispatch = jnp.moveaxis(jax.nn.one_hot(token, size, dtype=jnp.bool_), 3, 1)  # [g, S, E, C]
-  combine = dispatch * weight[:, None]
+  highest probability (ties: the earlier token), weighted by that probability; never a token
+  where `mask` [groups, S] is False (padding: a slot left empty rather than given to it)."""
+  groups, size, _ = probs.shape
+  mask = jnp.ones((groups, size), jnp.bool_) if mask is None else mask
+  # Probabilities are >= 0: -1 marks padding, which an expert takes only into an empty slot.
+  offered = jnp.where(mask[..., None], probs, -1.0)
+  weight, token = jax.lax.top_k(offered.swapaxes(1, 2), capacity)  # [groups, E, C]
+  kept = weight >= 0
+  dispatch = jax.nn.one_hot(token, size, dtype=jnp.bool_) & kept[..., None]  # [g, E, C, S]
+  dispatch = jnp.moveaxis(dispatch, 3, 1)  # [groups, S, E, C]
+  combine = dispatch * jnp.where(kept, weight, 0.0)[:, None]
   taken = jnp.any(dispatch, axis=(2, 3))  # [groups, S]
-  return Routing(dispatch, combine, taken.size - jnp.sum(taken))
+  return Routing(dispatch, combine, jnp.sum(mask & ~taken))
 
 
 def dispatch_experts(x: jax.Array, routing: Routing, gate, up, down) -> jax.Array:
@@ -161,14 +176,19 @@ class _Kernel(nn.Module):
 
 
 class MoE(nn.Module):
-  """[batch, length, embed] -> [batch, length, embed] through `config.num_experts` experts."""
+  """[batch, length, embed] -> [batch, length, embed] through `config.num_experts` experts;
+  `segment_ids` [batch, length] (optional) mark padding (0), which routing leaves out."""
 
   config: "TransformerConfig"  # noqa: F821 (transformer.py)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     batch, length, embed = x.shape
+    real = (jnp.ones((batch, length), jnp.bool_) if segment_ids is None
+            else segment_ids > 0)  # [batch, length]: not padding
+    real_mean = lambda v: (jnp.sum(v * real[..., None], axis=(0, 1))
+                           / jnp.maximum(jnp.sum(real), 1))  # [batch, length, n] -> [n]
     num_experts, k = cfg.num_experts, cfg.experts_per_token
     router = _Kernel((embed, num_experts), ("embed", None), 0, ROUTER_INIT_SCALE,
                      name="router")()
@@ -181,24 +201,25 @@ class MoE(nn.Module):
     logits = jnp.einsum("bld,de->ble", x.astype(jnp.float32), router)  # float32
     probs = jax.nn.softmax(logits, axis=-1)
     if cfg.router_z_loss_weight > 0:
-      z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+      z = real_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1, keepdims=True)))[0]
       sow_aux_loss(self, "router_z_loss", cfg.router_z_loss_weight * z)
 
     if cfg.moe_router == "expert_choice":
       routing = expert_choice_routing(
-          probs, expert_capacity(length, num_experts, cfg.capacity_factor))
+          probs, expert_capacity(length, num_experts, cfg.capacity_factor), real)
       y = dispatch_experts(x, routing, *weights)
       dropped = routing.dropped
     else:
       gates, experts, _ = top_k_gates(probs, k, cfg.renormalize_combine)
+      gates *= real[..., None]  # padding: no expert's output
       if cfg.load_balance_weight > 0:
-        routed = jnp.mean(jnp.sum(jax.nn.one_hot(experts, num_experts), axis=2), axis=(0, 1))
-        balance = num_experts * jnp.sum(routed / k * jnp.mean(probs, axis=(0, 1)))
+        routed = real_mean(jnp.sum(jax.nn.one_hot(experts, num_experts), axis=2))  # [E]
+        balance = num_experts * jnp.sum(routed / k * real_mean(probs))
         sow_aux_loss(self, "load_balance", cfg.load_balance_weight * balance)
       if cfg.capacity_factor > 0:
         routing = top_k_capacity_routing(
             probs, k, expert_capacity(length, num_experts, cfg.capacity_factor, k),
-            cfg.renormalize_combine)
+            cfg.renormalize_combine, real)
         y = dispatch_experts(x, routing, *weights)
         dropped = routing.dropped
       else:

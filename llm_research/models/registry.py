@@ -12,6 +12,15 @@ FLOP counting and parameter counting reach the model only through these methods:
     num_params(include_embeddings=True) -> int
     flops_per_token(seq_len) -> float     training (forward + backward) FLOPs per token
 
+Optional, looked up with getattr (the transformer defines none; bGPT, models/bgpt.py, all):
+    generate(params, prompts, **settings)   decode.generate hands generation over to it
+    supplies_start                          True: prompts carry no bos (the model starts itself)
+    loss_sums(outputs, batch, z_loss)       the objective (train.py; default: next-token loss)
+    loss_unit                               e.g. "byte": eval adds `eval_bits_per_byte`
+    data_options()                          keyword arguments of the data iterators
+    check_data(data_config)                 refuses `data.*` values at config-check time
+    HEAD_KEYS                               shape keys `train.init_from` may change
+
 The dataclass is the one place a model's defaults live: `config.model` in the base config is
 `name` plus the union of every registered model's fields (a field two models share is one key,
 with the default of the first model registered), and the fields declared with `shape_field`
