@@ -16,6 +16,7 @@ import pytest
 from llm_research import train
 from llm_research.models import Transformer, TransformerConfig
 from llm_research.models import moe
+from llm_research.models.stack import AUX_LOSS, METRICS, collect_aux_losses
 
 VOCAB = 61
 
@@ -302,3 +303,42 @@ def test_bad_moe_config_is_one_line_naming_the_key(bad, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(")) as raised:
     tiny_moe(**bad)
   assert "\n" not in str(raised.value)
+
+
+
+@pytest.mark.parametrize("router, capacity_factor", [("top_k", 0.0), ("top_k", 0.5),
+                                                     ("expert_choice", 0.25)],
+                         ids=["dropless", "capacity-dropping", "expert-choice"])
+def test_padding_takes_no_expert_and_counts_in_no_router_loss(router, capacity_factor):
+  """Padding (segment_ids 0, here the last 5 of 12 tokens of every row) changes nothing of the
+  real tokens: their outputs, the router losses and the dropped count are those of the same
+  rows with other padding; padding comes out as 0. Dropless, where the real tokens route alone,
+  they are also those of the rows cut before the padding."""
+  cfg = tiny_moe(moe_router=router, capacity_factor=capacity_factor, load_balance_weight=1.0,
+                 router_z_loss_weight=1.0)
+  layer = moe.MoE(cfg)
+  x = jax.random.normal(jax.random.key(11), (2, 12, 32))
+  other = x.at[:, 7:].set(3 * jax.random.normal(jax.random.key(12), (2, 5, 32)))
+  segment_ids = jnp.ones((2, 12), jnp.int32).at[:, 7:].set(0)
+  params = nn.meta.unbox(layer.init(jax.random.key(13), x)["params"])
+  params["router"]["kernel"] = 30 * params["router"]["kernel"]  # lively routing
+
+  @jax.jit
+  def apply(x, segment_ids):
+    y, sown = layer.apply({"params": params}, x, segment_ids, mutable=[AUX_LOSS, METRICS])
+    return y, collect_aux_losses(sown), collect_aux_losses(sown, METRICS)["moe_dropped_tokens"]
+
+  y, losses, dropped = apply(x, segment_ids)
+  y_other, losses_other, dropped_other = apply(other, segment_ids)
+  np.testing.assert_allclose(y[:, :7], y_other[:, :7], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(y[:, 7:], 0)
+  assert len(losses) == (2 if router == "top_k" else 1)  # z-loss; top-k: load balance too
+  for name, value in losses.items():
+    assert float(value) == pytest.approx(float(losses_other[name]), rel=1e-6)
+  assert int(dropped) == int(dropped_other)
+  assert (int(dropped) > 0) == (capacity_factor > 0)  # the capacity binds: tokens compete
+  if capacity_factor == 0:
+    y_cut, losses_cut, _ = apply(x[:, :7], jnp.ones((2, 7), jnp.int32))
+    np.testing.assert_allclose(y[:, :7], y_cut, rtol=1e-5, atol=1e-6)
+    for name, value in losses_cut.items():
+      assert float(losses[name]) == pytest.approx(float(value), rel=1e-5)

@@ -220,7 +220,7 @@ class Block(nn.Module):
     h = Attention(cfg, self.decode, self.cache_len, name="attn")(h, positions, segment_ids)
     x = constrain(x + h, ("batch", "length", "embed"))
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x)
-    x = x + MLPS[self.mlp_impl or cfg.mlp_impl](cfg, name="mlp")(h)
+    x = x + MLPS[self.mlp_impl or cfg.mlp_impl](cfg, name="mlp")(h, segment_ids)
     return constrain(x, ("batch", "length", "embed"))
 
 
