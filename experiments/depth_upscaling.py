@@ -22,8 +22,9 @@ import argparse
 import os
 import time
 
+from report import header
 from upcycling import (DENSE_MODEL, EXTRA_FINAL_LR, add_common_flags, curve, curves_table,
-                       dense_config, extra_run, flops_per_step, header, plot, seconds_per_step,
+                       dense_config, extra_run, flops_per_step, plot, seconds_per_step,
                        start_eval_loss, train)
 
 

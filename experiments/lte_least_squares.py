@@ -35,10 +35,7 @@ step, log scale). Takes under a minute on a 2-core CPU (every arm is one `lax.sc
 """
 import argparse
 import dataclasses
-import datetime
 import os
-import platform
-import subprocess
 import time
 
 import jax
@@ -49,6 +46,7 @@ import optax
 from llm_research import train
 from llm_research.methods import lora, lte
 from llm_research.models.linear import orthogonal_adapter_init
+from report import header
 
 
 class Problem:
@@ -263,18 +261,13 @@ def write_results(arms: dict, args, seconds: float) -> None:
   matplotlib.use("Agg")
 
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"
   d, r = args.dim, args.rank
+  command = (f"python experiments/lte_least_squares.py --dim {d} --rank {r} "
+             f"--steps {args.steps} --merge_every {args.merge_every} --lte_heads {args.lte_heads} "
+             f"--lte_merge_every {args.lte_merge_every}")
   lines = [
-      "# LTE's least-squares example: a full-rank target through rank-r adapters",
-      "",
-      f"Command: `python experiments/lte_least_squares.py --dim {d} --rank {r} "
-      f"--steps {args.steps} --merge_every {args.merge_every} --lte_heads {args.lte_heads} "
-      f"--lte_merge_every {args.lte_merge_every}`  ",
-      f"Machine: {platform.machine()}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores "
-      f"(shared); "
-      f"date {datetime.date.today()}; commit {commit}; took {seconds / 60:.1f} min.  ",
+      *header("LTE's least-squares example: a full-rank target through rank-r adapters", command,
+              seconds),
       f"Problem: X [{args.rows}, {d}] ~ N(0, 1), W* [{d}, {d}] ~ N(0, 1/{d}) (full rank), "
       f"L(W) = `||XW - XW*||^2 / 2n` from W = 0; full-batch gradient descent (optax.sgd), lr "
       f"{args.learning_rate} for W, lr r / (d s^2) = {adapter_learning_rate(args, d):.3g} for "

@@ -27,12 +27,9 @@ the 2-core CPU while it was shared with other jobs (each LTE step ~0.2-0.3 s the
 """
 import argparse
 import dataclasses
-import datetime
 import math
 import os
-import platform
 import re
-import subprocess
 import time
 
 import flax.linen as nn
@@ -42,6 +39,7 @@ from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.metrics import read_metrics
 from llm_research.train import Trainer, train_and_evaluate, trainable_mask
+from report import header
 
 MODEL = dict(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=176)
 WIDTH = MODEL["embed_dim"]
@@ -192,19 +190,14 @@ def write_results(rows: list[dict], curves: dict, args, seconds: float) -> None:
   import matplotlib.pyplot as plt
 
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
   ratios = communication_ratios()
   ratio = lambda t: (f"{ratios[t]:.3f}" if t in ratios else f"~{ratios[1] / t:.3f}")
+  command = (f"python experiments/lte_lm.py --workdir <dir> --steps {args.steps} "
+             f"--heads {args.heads} --ranks {args.ranks} --merge_every {args.merge_every} "
+             f"--long_factor {args.long_factor} --corpus {args.corpus}")
   lines = [
-      "# LTE on a small transformer: full rank, LoRA alone, LTE (heads x rank, merge interval)",
-      "",
-      f"Command: `python experiments/lte_lm.py --workdir <dir> --steps {args.steps} "
-      f"--heads {args.heads} --ranks {args.ranks} --merge_every {args.merge_every} "
-      f"--long_factor {args.long_factor} --corpus {args.corpus}`  ",
-      f"Machine: {platform.machine()}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores "
-      f"(shared); date {datetime.date.today()}; commit {commit.strip() or 'unknown'}; jax "
-      f"{jax.__version__}; took {seconds / 60:.1f} min (the runs' wall time, summed).  ",
+      *header("LTE on a small transformer: full rank, LoRA alone, LTE (heads x rank, merge "
+              "interval)", command, seconds, took=" (the runs' wall time, summed)"),
       f"Model: {MODEL['num_layers']} layers, width {WIDTH} (projections {WIDTH} -> "
       f"{MODEL['num_kv_heads'] * MODEL['head_dim']}..{MODEL['mlp_dim']}), byte tokenizer, "
       f"stdlib `{args.corpus}` corpus, seq_len 128, batch 16, the same batches for every arm; "

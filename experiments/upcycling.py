@@ -27,10 +27,7 @@ Writes `<out>.md` (validation loss against extra compute for the three arms) and
 Re-running on the same workdir resumes unfinished runs and reads finished ones back.
 """
 import argparse
-import datetime
 import os
-import platform
-import subprocess
 import time
 
 import jax
@@ -40,6 +37,7 @@ from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.metrics import read_metrics
 from llm_research.train import Trainer, model_config_from, train_and_evaluate
+from report import header
 
 # A ~0.8M-parameter dense model: 4 layers of width 128.
 DENSE_MODEL = dict(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, head_dim=32,
@@ -137,16 +135,6 @@ def seconds_per_step(workdir: str) -> float:
 
 def ordinal(n: int) -> str:
   return {1: "", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")
-
-
-def header(title: str, command: str, seconds: float) -> list[str]:
-  """A result file's title, command, machine, date, commit and time taken."""
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
-  return [f"# {title}", "", f"Command: `{command}`  ",
-          f"Machine: {platform.machine()}, {jax.devices()[0].device_kind}, {os.cpu_count()} "
-          f"cores; date {datetime.date.today()}; commit {commit.strip() or 'unknown'}; jax "
-          f"{jax.__version__}; took {seconds / 60:.1f} min.  "]
 
 
 def curves_table(columns: dict[str, list[tuple[float, float]]], x_name: str) -> list[str]:
