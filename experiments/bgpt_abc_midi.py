@@ -30,7 +30,7 @@ from llm_research.data import byte_rows, pipeline
 from llm_research.metrics import read_metrics
 from llm_research.sample import load_run
 from llm_research.train import train_and_evaluate
-from report import header
+from report import header, write
 
 DIRECTIONS = {"ABC -> MIDI": "abc_to_midi", "MIDI -> ABC": "midi_to_abc"}
 PARTS = ("output", "input", "row")
@@ -101,9 +101,7 @@ def write_results(results: dict, curves: dict, args, seconds: float) -> None:
   for name, r in results.items():
     lines.append(f"| {name} | {r['output']:.3f} | {r['input']:.3f} | {r['row']:.3f} | "
                  f"{curves[name][-1][1]:.3f} | {r['output_bytes']} | {r['input_bytes']} |")
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write(args.out + ".md", lines)
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
   for (name, points), marker in zip(curves.items(), "os"):

@@ -36,7 +36,7 @@ from llm_research.metrics import read_metrics
 from llm_research.models import bgpt
 from llm_research.sample import load_run
 from llm_research.train import train_and_evaluate
-from report import header
+from report import header, write
 
 # A ~1.2M-parameter bGPT: PRESETS["small"] (patch size 16) narrowed and made shallower to train
 # in minutes on 2 CPU cores.
@@ -166,9 +166,7 @@ def write_results(rows: list[dict], zeros: float, programs: int, args, seconds: 
         f"| {r['generated_state_accuracy']:.1%} | {r['generated_byte_accuracy']:.1%} "
         f"| {r['teacher_forced_state_accuracy']:.1%} | {r['teacher_forced_byte_accuracy']:.1%} "
         f"| {r['train_minutes']:.1f} |")
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write(args.out + ".md", lines)
 
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   sizes = [r["train_programs"] for r in rows]

@@ -26,7 +26,7 @@ import numpy as np
 from bgpt_cpu_states import MODEL, add_common_flags, byte_run_config
 from llm_research.metrics import read_metrics
 from llm_research.train import train_and_evaluate
-from report import header
+from report import header, write
 
 SEQ_LEN = 3152  # a 3126-byte BMP padded to whole patches, and the end patch
 VALIDATION_DIGITS = 180
@@ -68,9 +68,7 @@ def write_results(curves: dict, pretrain_bits: float, args, seconds: float) -> N
     cells = [f"{mean[n][i]:.1%} | " + " / ".join(f"{100 * seed[i][1]:.1f}" for seed in curves[n])
              for n in names]
     lines.append(f"| {step} | " + " | ".join(cells) + " |")
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write(args.out + ".md", lines)
 
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for (name, seeds), color in zip(curves.items(), ("C0", "C1")):

@@ -25,6 +25,7 @@ from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.methods.ternary_packing import pack_params, param_bytes
 from llm_research.train import model_config_from, train_and_evaluate
+from report import write
 
 SIZES = {
     "s": dict(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=176),
@@ -88,9 +89,7 @@ def write_results(rows: list[dict], args, seconds: float) -> None:
     lines.append(f"| {r['size']} | {r['params'] / 1e6:.2f}M | {r['dense']:.3f} | "
                  f"{r['bitnet']:.3f} | {r['float32_mb']:.2f} | {r['bf16_mb']:.2f} | "
                  f"{r['packed_mb']:.2f} |")
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write(args.out + ".md", lines)
 
   fig, ax = plt.subplots(figsize=(5, 3.5))
   sizes = [r["params"] for r in rows]

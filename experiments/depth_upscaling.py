@@ -22,7 +22,7 @@ import argparse
 import os
 import time
 
-from report import header
+from report import header, write
 from upcycling import (DENSE_MODEL, EXTRA_FINAL_LR, add_common_flags, curve, curves_table,
                        dense_config, extra_run, flops_per_step, plot, seconds_per_step,
                        start_eval_loss, train)
@@ -83,9 +83,7 @@ def main():
       "",
       *curves_table(columns, "extra tokens"),
   ]
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write(args.out + ".md", lines)
   plot(args.out + ".png", columns, checkpoint_loss,
        "extra training tokens / dense pre-training tokens",
        f"dense {n} layers -> {deep} (drop {args.drop}), equal extra tokens")

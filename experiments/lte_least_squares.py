@@ -46,7 +46,7 @@ import optax
 from llm_research import train
 from llm_research.methods import lora, lte
 from llm_research.models.linear import orthogonal_adapter_init
-from report import header
+from report import header, write
 
 
 class Problem:
@@ -283,9 +283,7 @@ def write_results(arms: dict, args, seconds: float) -> None:
     lines.append(f"| {arm.name} | {arm.rank} | {arm.floor:.2e} | {arm.curve[-1]:.2e} | "
                  f"{arm.steps_to(args.threshold) or 'never'} |")
   lines += ["", "Reading: " + reading(arms, args)]
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write(args.out + ".md", lines)
   plot(arms, args).savefig(args.out + ".png", dpi=120)
 
 

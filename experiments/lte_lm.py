@@ -39,7 +39,7 @@ from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.metrics import read_metrics
 from llm_research.train import Trainer, train_and_evaluate, trainable_mask
-from report import header
+from report import header, write
 
 MODEL = dict(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=176)
 WIDTH = MODEL["embed_dim"]
@@ -226,9 +226,7 @@ def write_results(rows: list[dict], curves: dict, args, seconds: float) -> None:
       "",
       "Reading: " + reading(rows, args),
   ]
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write(args.out + ".md", lines)
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   panels = [(axes[0], "heads", f"heads x rank ({args.heads} heads, T = 10)"),

@@ -21,3 +21,11 @@ def header(title: str, command: str, seconds: float, took: str = "") -> list[str
           f"Machine: {platform.machine()}, {jax.devices()[0].device_kind}, {os.cpu_count()} "
           f"cores; date {datetime.date.today()}; commit {commit()}; jax {jax.__version__}; "
           f"took {seconds / 60:.1f} min{took}.  "]
+
+
+def write(path: str, lines: list[str]) -> None:
+  """Writes a result file's lines to `path` (markdown) and prints them."""
+  text = "\n".join(lines) + "\n"
+  with open(path, "w") as f:
+    f.write(text)
+  print(text, end="")

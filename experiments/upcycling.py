@@ -37,7 +37,7 @@ from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.metrics import read_metrics
 from llm_research.train import Trainer, model_config_from, train_and_evaluate
-from report import header
+from report import header, write
 
 # A ~0.8M-parameter dense model: 4 layers of width 128.
 DENSE_MODEL = dict(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, head_dim=32,
@@ -238,9 +238,7 @@ def main():
       "",
       *curves_table(columns, "extra compute"),
   ]
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write(args.out + ".md", lines)
   plot(args.out + ".png", columns, checkpoint_loss,
        "extra training FLOPs / dense pre-training FLOPs",
        f"dense {dense_model.num_params() / 1e6:.1f}M -> {args.num_experts} experts, "
