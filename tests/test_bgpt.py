@@ -4,10 +4,10 @@ through the trainer, sharded training equal to one device, and its config errors
 
     pytest -q tests/test_bgpt.py
 
-Batches are built here, in the layout data.source="bytes" gives (the file padded with 256 to
-whole patches, an end patch of 256s, then 256 with segment_ids 0), from files of a repeated
-3-byte motif: low bytes for class 0, high bytes for class 1. Run as a script, this file is the
-8-device worker of the sharding test.
+Batches are built here, in the layout data.source="bytes" gives (byte_rows.make_row: the file
+padded with 256 to whole patches, an end patch of 256s, then 256 with segment_ids 0), from files
+of a repeated 3-byte motif: low bytes for class 0, high bytes for class 1. Run as a script, this
+file is the 8-device worker of the sharding test.
 """
 import dataclasses
 import functools
@@ -24,6 +24,7 @@ import pytest
 
 from llm_research import decode, init_from, sample, train
 from llm_research.config import ConfigError, base_config, with_overrides
+from llm_research.data import byte_rows
 from llm_research.metrics import read_metrics
 from llm_research.models import bgpt, registry
 from llm_research.models.bgpt import PAD, BgptConfig
@@ -62,16 +63,9 @@ def log_probs_of(logits, tokens):
                             -1)[..., 0]
 
 
-# ---- the layout of data.source="bytes", built here ----------------------------------------------
-
 def row(file: bytes, label: int | None = None) -> dict:
-  """One row: the file, PAD to a whole patch, an end patch, PAD (segment 0) to SEQ_LEN."""
-  body = list(file) + [PAD] * (-len(file) % SIZE + SIZE)
-  values = np.array(body + [PAD] * (SEQ_LEN - len(body)), np.int32)
-  example = {"inputs": values, "targets": values,
-             "segment_ids": (np.arange(SEQ_LEN) < len(body)).astype(np.int32),
-             "positions": np.arange(SEQ_LEN, dtype=np.int32)}
-  return example if label is None else {**example, "label": np.int32(label)}
+  """One row in the layout of data.source="bytes" (byte_rows.make_row)."""
+  return byte_rows.make_row([file], SEQ_LEN, SIZE, label)
 
 
 def motif_file(rng, label: int) -> bytes:
