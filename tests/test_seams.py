@@ -247,7 +247,7 @@ def test_remat_does_not_rerun_the_flash_attention_forward_kernel(policy):
   assert jaxpr.count("name=flash_attention_dq") == 1
 
 
-# ---- no import circles ------------------------------------------------------------------------------
+# ---- no import circles ---------------------------------------------------------------------------
 
 def test_the_package_has_no_import_cycles():
   """Module-level imports between llm_research modules (TYPE_CHECKING ones too) form a DAG.
