@@ -9,7 +9,10 @@ import jax
 
 
 def commit() -> str:
-  """The checkout's short commit hash ('unknown' outside a git checkout)."""
+  """The checkout's short commit hash: $LLM_RESEARCH_COMMIT where set (a copy of the tree without
+  .git, as on a lent GPU machine: scripts/gpu_session.sh), else git's; 'unknown' without both."""
+  if os.environ.get("LLM_RESEARCH_COMMIT"):
+    return os.environ["LLM_RESEARCH_COMMIT"]
   out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout
   return out.strip() or "unknown"
