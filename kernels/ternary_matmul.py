@@ -14,35 +14,49 @@ K is a multiple of 4, Kq = K // 4, and `packed` is uint8 [Kq, N] with
 so byte 0 means four zeros, and a row block of `packed` holds four row blocks of w, one per
 bit plane, that meet the four quarters of x viewed as [M, 4, Kq] (a free reshape).
 
-Three implementations, one signature `(x, x_scale, packed, w_scale) -> float32 [M, N]`:
+Four implementations, one signature `(x, x_scale, packed, w_scale) -> float32 [M, N]`:
 `ternary_matmul_pallas` (the Pallas kernels below; weights stay packed in memory and are
-unpacked one [block_k, block_n] tile at a time inside the kernel), `ternary_matmul_reference`
-(pure jnp, int32, the ground truth) and the dispatch `ternary_matmul`: Pallas on GPU/TPU; on
-CPU the reference, because Pallas only interprets there (tests call `impl="interpret"`).
+unpacked one [block_k, block_n] tile at a time inside the kernel: for decode rows),
+`ternary_matmul_unpacked` (for prefill rows: W unpacked once to a dense int8 or bf16 [K, N]
+matrix, then one XLA dot on the tensor cores / MXU; the kernel would unpack every weight once
+per block of rows), `ternary_matmul_reference` (pure jnp, int32, the ground truth) and the
+dispatch `ternary_matmul`: on GPU/TPU Pallas up to UNPACKED_PREFILL's rows and the unpacked
+dot above; on CPU the reference, because Pallas only interprets there (tests call
+`impl="interpret"`). All are exact: integer sums (int32, or float32 sums of integers below
+2**24 in the bf16 dot, whose K is bounded for that) before the two scales.
 
 Two kernel layouts, both exact (int32 accumulation; padding is zero bytes = zero weights):
-  "gpu" (Triton): grid (M / bm, N / bn); each program walks the K blocks in a loop and keeps
-    the [bm, bn] int32 accumulator in registers. Triton's grid is parallel, so K cannot be a
-    grid axis there. Blocks are powers of two >= 16 (Triton's load shapes and int8 dot tiles),
-    so decode rows (M = 1 or 8) are padded to 16.
+  "gpu" (Triton): grid (M / bm, N / bn, split_k); each program walks its share of the K
+    blocks in a loop and keeps the [bm, bn] int32 accumulator in registers. Triton's grid is
+    parallel, so K cannot be a sequential grid axis there: with split_k > 1 each share writes
+    its own int32 partial sum and XLA adds them (exact), which gives a decode grid more
+    programs when N / bn is small. Blocks are powers of two >= 16 (Triton's load shapes and
+    int8 dot tiles), so decode rows (M = 1 or 8) are padded to 16.
   "tpu" (Mosaic): grid (M / bm, N / bn, K / bk), K last and sequential ("arbitrary"); the int32
     output block stays in VMEM across K and accumulates, so VMEM holds one K block of x and W
     whatever K is. Blocks: bm a multiple of 32 (int8 sublane tile), bn and bk of 128.
-The dispatch pads M, N and K / 4 up to block multiples and slices the result. Padding the
-activations is cheap; padding the packed weights copies them on every call, so it happens only
-when needed: on TPU when N or K / 4 is not a multiple of 128 (TPU blocks shrink to divisors),
-on GPU when they are not multiples of the (power of two) blocks: with the default table, when
-N is not a multiple of 128 or K of 1024.
+The kernel pads M, N and K / 4 up to block multiples (K / 4 to bk * split_k on GPU) and slices
+the result. Padding the activations is cheap; padding the packed weights copies them on every
+call, so it happens only when needed: on TPU when N or K / 4 is not a multiple of 128 (TPU
+blocks shrink to divisors), on GPU when they are not multiples of the (power of two) blocks:
+with the default table, when N is not a multiple of 128 or K of 1024.
 
-Verified without an accelerator only: interpret mode (both layouts) equals the reference bit
-for bit, and `jax.export` lowers both layouts (Triton IR for CUDA, Mosaic for TPU) at decode
-and prefill sizes (tests/test_bitnet.py). Once, by hand (not a test): that Triton IR for the
-GPU table's tiles, M = 1..2048, compiled to sm_90 code with the standalone triton 3.9 wheel
-(int8 mma.sync for decode, wgmma for prefill, no register spills); XLA's own Triton may differ.
-Mosaic's compilation, running on a device, and speed are not checked. From that sm_90 code
-(an estimate, not a measurement): the decode loop spends ~3 integer instructions per weight
-unpacking, so at M = 1 the GPU kernel is likely bound by the INT pipes, not by the 8x fewer
-weight bytes; unpacking 4 weights per 32-bit op would need a GPU-specific weight order.
+Verified without an accelerator only: interpret mode (both layouts, GPU split_k too) and
+both unpacked dots equal the reference bit for bit (the dots run on CPU XLA there);
+`jax.export` lowers both layouts (Triton IR for CUDA, Mosaic for TPU) at decode and prefill
+sizes; the Triton launch takes the table's warps, stages and split_k; `auto` lowers to the
+kernel or the dense dot by backend and rows (tests/test_bitnet.py). Once, by hand (not a
+test): that Triton IR for the GPU table's tiles, M = 1..2048, compiled to sm_90 code with the
+standalone triton 3.9 wheel (int8 mma.sync for decode, wgmma for prefill, no register spills);
+XLA's own Triton may differ. Measured once on an H200 (jax 0.11.2, before the unpacked path
+and split_k existed), W 8192 x 28672: 0.21 ms at 1 row (1.08x a bf16 dot, 276 GB/s), 1.36x
+at 16 rows, 0.12x at 4096 rows. Not checked: Mosaic's compilation; the unpacked dots on a GPU
+or TPU (XLA's GEMMs there: the exactness of the bf16 one's float32 accumulation on tensor
+cores, and speed); UNPACKED_PREFILL's thresholds; the block table's launch parameters, which
+experiments/benchmarks/ternary_matmul.py --sweep times. From the sm_90 code (an estimate, not
+a measurement): the decode loop spends ~3 integer instructions per weight unpacking, so at
+M = 1 the GPU kernel is likely bound by the INT pipes, not by the 8x fewer weight bytes;
+unpacking 4 weights per 32-bit op would need a GPU-specific weight order.
 """
 import dataclasses
 import functools
@@ -53,7 +67,7 @@ from jax.experimental import pallas as pl
 
 from llm_research.kernels import tiling
 
-IMPLS = ("auto", "pallas", "interpret", "reference")
+IMPLS = ("auto", "pallas", "interpret", "reference", "unpacked_int8", "unpacked_bf16")
 
 
 def _check_inputs(x, x_scale, packed, w_scale):
@@ -71,13 +85,23 @@ def _check_inputs(x, x_scale, packed, w_scale):
     raise ValueError(f"ternary_matmul: w_scale must be a scalar, got {jnp.shape(w_scale)}")
 
 
-def unpack_plane(packed: jax.Array, plane: int) -> jax.Array:
-  """Bit plane `plane` (0..3) of packed bytes as int8 values in {-1, 0, +1}.
+def unpack_plane(packed: jax.Array, plane) -> jax.Array:
+  """Bit plane `plane` (0..3, or an int array that broadcasts against `packed`) of packed bytes
+  as int8 values in {-1, 0, +1}.
 
   The bytes may be uint8 or int8 with the same bits: the shift drops the bits above the plane.
   """
   shifted = packed.astype(jnp.int32) << (30 - 2 * plane)  # the plane's 2 bits on top
   return (shifted >> 30).astype(jnp.int8)  # arithmetic shift sign-extends 0b11 to -1
+
+
+def unpack_weights(packed: jax.Array, dtype=jnp.int8) -> jax.Array:
+  """uint8 [..., K / 4, N] -> the ternary weights [..., K, N] as `dtype`, in one elementwise
+  pass: the four planes of `packed` side by side are [..., 4, Kq, N], which is [..., K, N] in
+  the quarter-plane layout (plane i holds rows i * Kq ... i * Kq + Kq - 1), a free reshape."""
+  planes = jnp.arange(4, dtype=jnp.int32)[:, None, None]  # [4, 1, 1]
+  values = unpack_plane(packed[..., None, :, :], planes).astype(dtype)  # [..., 4, Kq, N]
+  return values.reshape(*packed.shape[:-2], 4 * packed.shape[-2], packed.shape[-1])
 
 
 def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -112,9 +136,48 @@ def ternary_matmul_reference(x, x_scale, packed, w_scale):
   return _rescale(acc, x_scale, w_scale)
 
 
+# bfloat16 holds every int8 activation and ternary weight exactly, and so every product; a
+# float32 sum of integers is exact while each partial sum stays within 2**24, and a sum over K
+# terms is at most K * 128 in magnitude (x may be -128).
+BF16_EXACT_MAX_K = 2**24 // 128
+UNPACKED_DOT_DTYPES = {"unpacked_int8": "int8", "unpacked_bf16": "bfloat16"}
+
+
+@functools.partial(jax.jit, static_argnames="dot_dtype")
+def ternary_matmul_unpacked(x, x_scale, packed, w_scale, *, dot_dtype: str = "int8"):
+  """The prefill path: W unpacked once to a dense [K, N] matrix, then one XLA dot (on a GPU,
+  the tensor cores at full rate); same signature and result as `ternary_matmul_reference`, bit
+  for bit.
+
+  dot_dtype "int8": int8 x int8 -> int32 through `int8_matmul`, exact for any K. "bfloat16":
+  bf16 x bf16 -> float32, exact for K <= BF16_EXACT_MAX_K (checked), for backends whose bf16
+  GEMM is faster than their int8 one. Costs a [K, N] buffer (1 or 2 bytes a weight) per call.
+  """
+  _check_inputs(x, x_scale, packed, w_scale)
+  if dot_dtype not in UNPACKED_DOT_DTYPES.values():
+    raise ValueError(f"ternary_matmul: dot_dtype={dot_dtype!r} is not one of "
+                     f"{tuple(UNPACKED_DOT_DTYPES.values())}")
+  if dot_dtype == "bfloat16" and x.shape[1] > BF16_EXACT_MAX_K:
+    raise ValueError(f"ternary_matmul: a bfloat16 dot with float32 sums is exact only for "
+                     f"K <= {BF16_EXACT_MAX_K}, got K={x.shape[1]}; use 'unpacked_int8'")
+  # The barrier asks XLA to materialise W: fused into the GEMM's operand loads instead, the
+  # unpacking would be redone for every tile of output rows, the cost this path avoids. XLA:CPU
+  # drops it before fusion (and unpacks straight to float32, still one pass); what XLA:GPU
+  # does with it is not checked.
+  weights = jax.lax.optimization_barrier(unpack_weights(packed, dot_dtype))  # [K, N]
+  if dot_dtype == "int8":
+    acc = int8_matmul(x, weights)
+  else:
+    acc = jnp.dot(x.astype(jnp.bfloat16), weights, preferred_element_type=jnp.float32)
+  return _rescale(acc, x_scale, w_scale)
+
+
 @dataclasses.dataclass(frozen=True)
 class MatmulBlockSizes:
-  """Tile sizes: rows of x (bm), columns of W (bn), packed rows of W (bk = K / 4 rows).
+  """Tile sizes: rows of x (bm), columns of W (bn), packed rows of W (bk = K / 4 rows); and,
+  for the Triton (GPU) kernel only, warps per program, software-pipelining stages and split_k:
+  the K loop of each output tile split over that many programs, each writing an int32 partial
+  sum that one XLA reduction adds (exact), for more programs where N / bn is below the SMs.
 
   Not shared with flash attention's `AttentionBlockSizes`: the two kernels tile different axes
   (rows, columns and depth here; query/key lengths, forward and backward, there).
@@ -123,11 +186,21 @@ class MatmulBlockSizes:
   block_m: int
   block_n: int
   block_k: int
+  num_warps: int = 8
+  num_stages: int = 3
+  split_k: int = 1
+
+  @property
+  def tiles(self) -> tuple[int, int, int]:
+    return self.block_m, self.block_n, self.block_k
 
 
-# backend -> regime -> MatmulBlockSizes; "decode" serves M <= its block_m rows, "prefill" the rest.
-# Not timed on hardware (none was available). GPU: a decode grid has 128 programs at N = 8192
-# (an H100 has 132 SMs), one per SM, so its unpacking work is spread over _GPU_WARPS warps.
+# backend -> regime -> MatmulBlockSizes; "decode" serves M <= its block_m rows, "prefill" the rest
+# (on GPU and TPU up to UNPACKED_PREFILL's rows, or when the Pallas kernel is asked for).
+# Not timed on hardware (none was available); `experiments/benchmarks/ternary_matmul.py --sweep`
+# times GPU decode alternatives. GPU: a decode grid has 128 programs at N = 8192 (an H100 has
+# 132 SMs), one per SM. 8 warps: ptxas for sm_90 spilled registers in the prefill tile with 4,
+# and each decode thread unpacked twice the bytes; with 8 neither spills (173 and 91 registers).
 # TPU: one K step of W is 256 KiB of VMEM (double-buffered, plus ~1 MiB of int32 unpacking
 # temporaries), well inside the default scoped VMEM limit.
 # CPU (interpret mode): big tiles, since interpret cost grows with the number of tile steps.
@@ -137,10 +210,29 @@ BLOCK_SIZES = {
     "cpu": {"decode": MatmulBlockSizes(16, 256, 512), "prefill": MatmulBlockSizes(128, 256, 512)},
 }
 TARGETS = ("gpu", "tpu")
-# Warps per Triton program. ptxas for sm_90: with 4 the prefill tile spills registers and each
-# decode thread unpacks twice the bytes; with 8 neither spills (173 and 91 registers).
-_GPU_WARPS = 8
 _TPU_ALIGN = MatmulBlockSizes(32, 128, 128)  # int8 [32, 128] tiles; int32 output needs [8, 128]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpackedPrefill:
+  """Above `above_rows` rows, `auto` runs `impl` (an UNPACKED_DOT_DTYPES key), not Pallas."""
+
+  above_rows: int
+  impl: str
+
+
+# backend -> UnpackedPrefill. The Pallas kernel unpacks every weight once per block of output
+# rows, the unpacked path once per call (one elementwise pass over W, about the time of reading
+# W in bf16) and then runs the backend's dense GEMM. Not timed yet; the benchmark's --rows
+# compares the paths. GPU: up to 64 rows the kernel's prefill tile unpacks W once too, and
+# below ~300 rows a bf16 GEMM is bound by reading W anyway; above 64 the kernel unpacks W
+# twice or more. bf16, not int8: XLA's bf16 GEMM is its best-trodden GPU path (K limit:
+# BF16_EXACT_MAX_K, beyond which `auto` takes int8). TPU: its prefill tile has 256 rows, and
+# the MXU runs int8 natively, at least as fast as bf16 (v5e and later).
+# CPU has no entry: `auto` is the reference there, whose four plane dots are one dense dot's
+# work without the unpacked copy of W.
+UNPACKED_PREFILL = {"gpu": UnpackedPrefill(64, "unpacked_bf16"),
+                    "tpu": UnpackedPrefill(512, "unpacked_int8")}
 
 
 def default_block_sizes(backend: str, m: int) -> MatmulBlockSizes:
@@ -161,12 +253,11 @@ def _fit_block(block: int, dim: int, target: str, align: int) -> int:
 
 def _check_blocks(blocks: MatmulBlockSizes, target: str):
   """Block rules of the backend compilers (interpret mode takes any positive blocks)."""
-  sizes = dataclasses.astuple(blocks)
   if target == "gpu":
-    ok = all(tiling.is_triton_block(b) for b in sizes)
+    ok = all(tiling.is_triton_block(b) for b in blocks.tiles)
     rule = f"powers of two >= {tiling.TRITON_MIN_BLOCK} (Triton)"
   else:
-    ok = all(b % a == 0 for b, a in zip(sizes, dataclasses.astuple(_TPU_ALIGN)))
+    ok = all(b % a == 0 for b, a in zip(blocks.tiles, _TPU_ALIGN.tiles))
     rule = f"multiples of {_TPU_ALIGN} (Mosaic int8 tiles)"
   if not ok:
     raise ValueError(f"ternary_matmul: {target} blocks must be {rule}, got {blocks}")
@@ -205,21 +296,29 @@ def _tpu_kernel(x_ref, w_ref, o_ref):
   o_ref[...] += _block_product(x_ref, w_ref, slice(None))
 
 
-def _gpu_call(bm, bn, bk, m_pad, n_pad, kq_pad, interpret):
+def _gpu_call(blocks, m_pad, n_pad, kq_pad, interpret):
+  """(quarters, weights) -> int32 [M_pad, N_pad]: program (i, j, s) sums K / 4 rows
+  s * kq_split ... (s + 1) * kq_split - 1 into partial sum s, and XLA adds the split_k sums."""
   from jax.experimental.pallas import triton as plgpu
-  return pl.pallas_call(
+  bm, bn, bk = blocks.tiles
+  splits = blocks.split_k
+  kq_split = kq_pad // splits
+  partial_sums = pl.pallas_call(
       functools.partial(_gpu_kernel, block_k=bk),
-      out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), jnp.int32),
-      grid=(m_pad // bm, n_pad // bn),
-      in_specs=[pl.BlockSpec((4, bm, kq_pad), lambda i, j: (0, i, 0)),
-                pl.BlockSpec((kq_pad, bn), lambda i, j: (0, j))],
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-      compiler_params=plgpu.CompilerParams(num_warps=_GPU_WARPS, num_stages=3),
+      out_shape=jax.ShapeDtypeStruct((splits, m_pad, n_pad), jnp.int32),
+      grid=(m_pad // bm, n_pad // bn, splits),
+      in_specs=[pl.BlockSpec((4, bm, kq_split), lambda i, j, s: (0, i, s)),
+                pl.BlockSpec((kq_split, bn), lambda i, j, s: (s, j))],
+      out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                           num_stages=blocks.num_stages),
       interpret=interpret)
+  return lambda quarters, weights: partial_sums(quarters, weights).sum(axis=0)
 
 
-def _tpu_call(bm, bn, bk, m_pad, n_pad, kq_pad, interpret):
+def _tpu_call(blocks, m_pad, n_pad, kq_pad, interpret):
   from jax.experimental.pallas import tpu as pltpu
+  bm, bn, bk = blocks.tiles
   return pl.pallas_call(
       _tpu_kernel,
       out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), jnp.int32),
@@ -244,36 +343,61 @@ def ternary_matmul_pallas(x, x_scale, packed, w_scale, *, block_sizes: MatmulBlo
   _check_inputs(x, x_scale, packed, w_scale)
   if target not in TARGETS:
     raise ValueError(f"ternary_matmul: target={target!r} is not one of {TARGETS}")
+  splits = block_sizes.split_k
+  if splits < 1 or (target == "tpu" and splits != 1):
+    raise ValueError(f"ternary_matmul: split_k must be >= 1, and 1 on TPU (whose K grid axis "
+                     f"is sequential already), got {splits} for target {target!r}")
   (m, _), (kq, n) = x.shape, packed.shape
-  bm, bn, bk = (_fit_block(b, d, target, a) for b, d, a in zip(
-      dataclasses.astuple(block_sizes), (m, n, kq), dataclasses.astuple(_TPU_ALIGN)))
+  kq_split = pl.cdiv(kq, splits)  # the K / 4 rows of one program
+  bm, bn, bk = (_fit_block(b, d, target, a)
+                for b, d, a in zip(block_sizes.tiles, (m, n, kq_split), _TPU_ALIGN.tiles))
+  blocks = dataclasses.replace(block_sizes, block_m=bm, block_n=bn, block_k=bk)
   if not interpret:
-    _check_blocks(MatmulBlockSizes(bm, bn, bk), target)
-  m_pad, n_pad, kq_pad = (tiling.round_up(d, b) for d, b in ((m, bm), (n, bn), (kq, bk)))
+    _check_blocks(blocks, target)
+  m_pad, n_pad, kq_pad = (tiling.round_up(d, b)
+                          for d, b in ((m, bm), (n, bn), (kq, bk * splits)))
   quarters = x.reshape(m, 4, kq).transpose(1, 0, 2)  # [4, M, Kq]: quarter i meets plane i
   quarters = tiling.pad_axis(tiling.pad_axis(quarters, 1, m_pad), 2, kq_pad)
   # Same bits as int8: the dtype the int8 matmul paths of Triton and Mosaic are built around.
   weights = jax.lax.bitcast_convert_type(packed, jnp.int8)  # [Kq, N]
   weights = tiling.pad_axis(tiling.pad_axis(weights, 0, kq_pad), 1, n_pad)  # copies if padded
   call = _gpu_call if target == "gpu" else _tpu_call
-  acc = call(bm, bn, bk, m_pad, n_pad, kq_pad, interpret)(quarters, weights)  # [M_pad, N_pad]
+  acc = call(blocks, m_pad, n_pad, kq_pad, interpret)(quarters, weights)  # [M_pad, N_pad]
   return _rescale(acc[:m, :n], x_scale, w_scale)
+
+
+def auto_impl(backend: str, m: int, k: int) -> str:
+  """What `impl="auto"` runs for x [m, k] on `backend`: the reference on CPU; on GPU and TPU
+  the Pallas kernel up to UNPACKED_PREFILL's rows, its unpacked dot above (int8 where a bf16
+  one would not be exact)."""
+  if backend not in TARGETS:
+    return "reference"
+  prefill = UNPACKED_PREFILL[backend]
+  if m <= prefill.above_rows:
+    return "pallas"
+  if prefill.impl == "unpacked_bf16" and k > BF16_EXACT_MAX_K:
+    return "unpacked_int8"
+  return prefill.impl
 
 
 def ternary_matmul(x, x_scale, packed, w_scale, *, impl: str = "auto",
                    block_sizes: MatmulBlockSizes | None = None):
-  """Dispatch: 'auto' is Pallas on GPU/TPU and the jnp reference on CPU.
+  """Dispatch: 'auto' is `auto_impl`'s choice for the backend and the rows of x.
 
-  'pallas' compiles for the current backend (GPU or TPU), 'interpret' runs the same kernel
-  in Pallas' interpreter (the GPU layout on CPU). `block_sizes` overrides BLOCK_SIZES.
+  'pallas' compiles the kernel for the current backend (GPU or TPU), 'interpret' runs it in
+  Pallas' interpreter (the GPU layout on CPU), 'unpacked_int8' and 'unpacked_bf16' are
+  `ternary_matmul_unpacked` (any backend). `block_sizes` overrides BLOCK_SIZES.
   """
   if impl not in IMPLS:
     raise ValueError(f"ternary_matmul: impl={impl!r} is not one of {IMPLS}")
   backend = jax.default_backend()
   if impl == "auto":
-    impl = "reference" if backend == "cpu" else "pallas"
+    impl = auto_impl(backend, x.shape[0], x.shape[-1])
   if impl == "reference":
     return ternary_matmul_reference(x, x_scale, packed, w_scale)
+  if impl in UNPACKED_DOT_DTYPES:
+    return ternary_matmul_unpacked(x, x_scale, packed, w_scale,
+                                   dot_dtype=UNPACKED_DOT_DTYPES[impl])
   if impl == "pallas" and backend not in TARGETS:
     raise ValueError(f"ternary_matmul: impl='pallas' needs a GPU or TPU, the backend is "
                      f"{backend!r}; use impl='interpret' or 'reference'")

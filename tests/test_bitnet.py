@@ -1,7 +1,8 @@
 """BitNet b1.58: the ternary matmul kernel, packing, BitLinear's STE, training, packed serving.
 
 The kernel tests run the "gpu"-layout kernel compiled (Triton) on a GPU and in interpret mode
-elsewhere; the "tpu" layout always in interpret mode.
+elsewhere; the "tpu" layout always in interpret mode; the unpacked prefill dots on the backend's
+own XLA GEMMs. What `auto` dispatches to on GPU and TPU is read from exported modules.
 """
 import dataclasses
 import functools
@@ -20,9 +21,11 @@ from llm_research import main as train_cli
 from llm_research import pack, sample
 from llm_research.config import base_config
 from llm_research.decode import generate
-from llm_research.kernels.ternary_matmul import (MatmulBlockSizes, default_block_sizes,
-                                                 int8_matmul, ternary_matmul,
-                                                 ternary_matmul_pallas, ternary_matmul_reference)
+from llm_research.kernels.ternary_matmul import (BF16_EXACT_MAX_K, MatmulBlockSizes,
+                                                 default_block_sizes, int8_matmul,
+                                                 ternary_matmul, ternary_matmul_pallas,
+                                                 ternary_matmul_reference,
+                                                 ternary_matmul_unpacked, unpack_weights)
 from llm_research.methods.ternary_packing import (pack_params, pack_ternary, param_bytes,
                                                   unpack_ternary)
 from llm_research.models import Transformer, TransformerConfig, bitlinear
@@ -167,6 +170,111 @@ def test_block_sizes_are_checked_against_the_backend_rules(monkeypatch, backend,
           jax.ShapeDtypeStruct((2048, 1024), jnp.uint8), 1.0)
   with pytest.raises(ValueError, match=f"{backend} blocks must be {rule}"):
     jax.eval_shape(functools.partial(ternary_matmul, impl="pallas", block_sizes=blocks), *args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.bfloat16])
+def test_unpack_weights_inverts_packing_in_one_pass(dtype):
+  """The quarter-plane layout read back whole: row i * K/4 + r of W is plane i of byte row r."""
+  w = random_ternary(np.random.default_rng(2), (2, 24, 5))  # a leading (layers) axis too
+  out = unpack_weights(pack_ternary(jnp.asarray(w)), dtype)
+  assert out.dtype == dtype and out.shape == w.shape
+  np.testing.assert_array_equal(np.asarray(out, np.int8), w)
+
+
+@pytest.mark.parametrize("impl", ["unpacked_int8", "unpacked_bf16"])
+@pytest.mark.parametrize("m,k,n", [(1, 4, 1), (3, 36, 17), (300, 104, 72), (2, 8192, 8)],
+                         ids=["tiny", "odd", "prefill-ragged", "k-8192"])
+def test_unpacked_prefill_equals_the_reference_bit_for_bit(m, k, n, impl):
+  """Both dense-dot paths, scales included. At K = 8192 column 0 sums activations of -128 and
+  -127, about -2**20 with more significant bits than bf16 or TF32 hold: a bf16 dot whose sums
+  were kept in either would show on a GPU (XLA:CPU sums in float32 whatever it is asked)."""
+  rng = np.random.default_rng(m + k + n)
+  x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+  w = random_ternary(rng, (k, n))
+  if k == 8192:
+    x[:], w[:, 0] = rng.integers(-128, -126, (m, k)), 1
+  x_scale = jnp.asarray(rng.uniform(0.01, 1, m), jnp.float32)
+  packed = pack_ternary(jnp.asarray(w))
+  out = ternary_matmul(jnp.asarray(x), x_scale, packed, 0.3, impl=impl)
+  ref = ternary_matmul_reference(jnp.asarray(x), x_scale, packed, 0.3)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  exact = x.astype(np.int64) @ w.astype(np.int64)
+  np.testing.assert_array_equal(np.asarray(ternary_matmul(jnp.asarray(x), jnp.ones((m,)), packed,
+                                                          1.0, impl=impl)), exact)
+
+
+def test_unpacked_dot_refuses_inexact_settings_by_name():
+  """bf16 beyond the K where float32 sums of int8 products stay exact; an unknown dtype."""
+  k = BF16_EXACT_MAX_K + 4
+  args = (jax.ShapeDtypeStruct((2, k), jnp.int8), jax.ShapeDtypeStruct((2,), jnp.float32),
+          jax.ShapeDtypeStruct((k // 4, 8), jnp.uint8), 1.0)
+  with pytest.raises(ValueError, match=f"exact only for K <= {BF16_EXACT_MAX_K}, got K={k}"):
+    jax.eval_shape(functools.partial(ternary_matmul, impl="unpacked_bf16"), *args)
+  out = jax.eval_shape(functools.partial(ternary_matmul, impl="unpacked_int8"), *args)
+  assert out.shape == (2, 8)
+  with pytest.raises(ValueError, match="dot_dtype='float16' is not one of"):
+    jax.eval_shape(functools.partial(ternary_matmul_unpacked, dot_dtype="float16"), *args)
+
+
+@pytest.mark.parametrize("backend,m,k,expected", [
+    ("gpu", 1, 1024, "triton"), ("gpu", 64, 1024, "triton"), ("gpu", 65, 1024, "bf16 dot"),
+    ("gpu", 65, BF16_EXACT_MAX_K + 4, "int8 dot"), ("tpu", 512, 1024, "mosaic"),
+    ("tpu", 513, 1024, "int8 dot"), ("cpu", 4096, 1024, "int8 dot")])
+def test_auto_dispatch_by_backend_and_rows(monkeypatch, backend, m, k, expected):
+  """What impl='auto' lowers to, read from the exported module: the Pallas kernel for decode
+  rows, one dense dot above the backend's row threshold (bf16 on GPU while exact), and on CPU
+  the reference's int8 dots."""
+  from jax import export
+  platform = {"gpu": "cuda", "tpu": "tpu", "cpu": "cpu"}[backend]
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  args = (jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32),
+          jax.ShapeDtypeStruct((k // 4, 256), jnp.uint8), jax.ShapeDtypeStruct((), jnp.float32))
+  calls = ("__gpu$xla.gpu.triton", "tpu_custom_call")
+  module = export.export(
+      jax.jit(ternary_matmul), platforms=[platform],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(c) for c in calls])(
+          *args).mlir_module()
+  kernels = {"triton": module.count(calls[0]), "mosaic": module.count(calls[1])}
+  dots = [line for line in module.splitlines() if "= stablehlo.dot_general" in line]
+  if expected in kernels:
+    assert kernels[expected] == 1 and not dots
+  else:
+    assert not any(kernels.values()) and dots
+    assert all(("xbf16>" in d) == (expected == "bf16 dot") for d in dots), dots
+
+
+def test_triton_launch_comes_from_the_block_table_entry(monkeypatch):
+  """Warps, stages and split_k (the grid's third axis) reach the Triton call."""
+  from jax import export
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  blocks = MatmulBlockSizes(16, 64, 128, num_warps=4, num_stages=2, split_k=2)
+  args = (jax.ShapeDtypeStruct((1, 2048), jnp.int8), jax.ShapeDtypeStruct((1,), jnp.float32),
+          jax.ShapeDtypeStruct((512, 1024), jnp.uint8), jax.ShapeDtypeStruct((), jnp.float32))
+  module = export.export(
+      jax.jit(functools.partial(ternary_matmul, impl="pallas", block_sizes=blocks)),
+      platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          *args).mlir_module()
+  for launch in ("num_stages = 2", "num_warps = 4", "grid_y = 16", "grid_z = 2"):
+    assert f"{launch} : i32" in module, launch
+
+
+@pytest.mark.parametrize("m,k,n", [(3, 360, 17), (16, 520, 130)], ids=["decode-odd", "decode-16"])
+def test_gpu_split_k_is_exact(m, k, n):
+  """K / 4 = 90 and 130 rows over 3 programs of 16-row blocks, each split holding some: the
+  zero padding of the splits and the sum of their partial sums keep the product exact. TPU
+  refuses a split."""
+  rng = np.random.default_rng(m * k)
+  x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+  w = random_ternary(rng, (k, n))
+  packed = pack_ternary(jnp.asarray(w))
+  blocks = MatmulBlockSizes(16, 64, 16, split_k=3)
+  out = ternary_matmul_pallas(jnp.asarray(x), jnp.ones((m,)), packed, 1.0, block_sizes=blocks,
+                              target="gpu", interpret=interpret_for("gpu"))
+  np.testing.assert_array_equal(np.asarray(out), x.astype(np.int64) @ w.astype(np.int64))
+  with pytest.raises(ValueError, match="split_k must be >= 1, and 1 on TPU"):
+    ternary_matmul_pallas(jnp.asarray(x), jnp.ones((m,)), packed, 1.0, block_sizes=blocks,
+                          target="tpu", interpret=True)
 
 
 # ---- packing ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_research.kernels.ternary_matmul import unpack_plane
+from llm_research.kernels.ternary_matmul import unpack_weights
 from llm_research.models import TransformerConfig
 from llm_research.models.bitlinear import quantize_weights
 
@@ -41,7 +41,7 @@ def unpack_ternary(packed: jax.Array) -> jax.Array:
   """uint8 [..., K / 4, N] -> int8 [..., K, N] in {-1, 0, +1}; inverse of `pack_ternary`."""
   if packed.dtype != jnp.uint8:
     raise TypeError(f"unpack_ternary: packed must be uint8, got {packed.dtype}")
-  return jnp.concatenate([unpack_plane(packed, i) for i in range(4)], axis=-2)
+  return unpack_weights(packed)
 
 
 def pack_params(config: TransformerConfig, params) -> tuple[TransformerConfig, dict]:
