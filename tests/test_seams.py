@@ -21,6 +21,7 @@ from llm_research.kernels.flash_attention import flash_attention
 from llm_research.metrics import read_metrics
 from llm_research.models import Transformer, TransformerConfig, registry
 from llm_research.models.linear import Linear, LoRA
+from llm_research.models import stack
 from llm_research.models.stack import decoder_stack, sow_aux_loss
 
 AUX_WEIGHT = 1e-2
@@ -231,20 +232,34 @@ def test_after_step_hook_runs_at_its_interval_inside_the_step(lora_trainer):
   assert np.all(scales[2] == 2.0) and np.all(scales[3] == 4.0)
 
 
-# ---- remat keeps the flash-attention residuals ---------------------------------------------------
+# ---- remat keeps the attention residuals ---------------------------------------------------------
 
+# attention_impl -> what its forward looks like in a jaxpr
+ATTENTION_FORWARD_IN_JAXPR = {"pallas": "name=flash_attention_forward",
+                              "cudnn": f"{stack.CUDNN_ATTENTION_FORWARD}["}
+
+
+@pytest.mark.parametrize("impl", sorted(ATTENTION_FORWARD_IN_JAXPR))
 @pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_does_not_rerun_the_flash_attention_forward_kernel(policy):
+def test_remat_does_not_rerun_the_attention_forward_kernel(policy, impl, monkeypatch):
+  """Rematerialisation keeps the attention residuals: one forward kernel in the scanned body.
+  cuDNN's forward is only traced, on CPU posing as a GPU with cuDNN's device checks stubbed."""
+  if impl == "cudnn":
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: None)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
   cfg = TransformerConfig(vocab_size=32, num_layers=2, embed_dim=64, num_heads=2,
-                          num_kv_heads=1, head_dim=64, mlp_dim=64, attention_impl="pallas",
-                          remat_policy=policy)
+                          num_kv_heads=1, head_dim=64, mlp_dim=64, attention_impl=impl,
+                          remat_policy=policy, dtype="bfloat16")
   model = Transformer(cfg)
   tokens = jnp.zeros((1, 16), jnp.int32)
   params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-  loss = lambda p: model.apply({"params": p}, tokens).sum()
+  loss = lambda p: model.apply({"params": p}, tokens).astype(jnp.float32).sum()
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
-  assert jaxpr.count("name=flash_attention_forward") == 1  # in the scanned body, once
-  assert jaxpr.count("name=flash_attention_dq") == 1
+  assert jaxpr.count(ATTENTION_FORWARD_IN_JAXPR[impl]) == 1  # in the scanned body, once
+  if impl == "pallas":
+    assert jaxpr.count("name=flash_attention_dq") == 1
 
 
 # ---- no import circles ---------------------------------------------------------------------------

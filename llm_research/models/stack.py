@@ -16,14 +16,17 @@ import jax
 from llm_research.kernels.flash_attention import FLASH_RESIDUAL_NAMES
 
 # Which intermediates the backward pass keeps rather than recomputes. Every policy also keeps
-# the flash-attention kernel's residuals (its output and log-sum-exp), so rematerialisation
-# never reruns the attention forward kernel; "none" does not rematerialise at all.
+# the attention kernels' residuals, so rematerialisation never reruns an attention forward
+# kernel: the Pallas kernel's output and log-sum-exp (by name), and the outputs of JAX's cuDNN
+# forward primitive (its output and softmax statistics, which carry no names: without this,
+# "dots" ran cuDNN's forward twice per layer). "none" does not rematerialise at all.
 _BASE_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 REMAT_POLICIES = ("none",) + tuple(_BASE_POLICIES)
+CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"  # jax._src.cudnn's primitive
 AUX_LOSS = "aux_loss"  # the collection auxiliary losses are sown into
 METRICS = "metrics"  # the collection of logged scalars that are not losses
 
@@ -32,8 +35,14 @@ def remat_policy(name: str):
   """The jax.checkpoint policy of `name` (None for "none")."""
   if name == "none":
     return None
-  return jax.checkpoint_policies.save_from_both_policies(
-      _BASE_POLICIES[name], jax.checkpoint_policies.save_only_these_names(*FLASH_RESIDUAL_NAMES))
+  policies = jax.checkpoint_policies
+  attention_residuals = policies.save_from_both_policies(
+      policies.save_only_these_names(*FLASH_RESIDUAL_NAMES), _is_cudnn_attention_forward)
+  return policies.save_from_both_policies(_BASE_POLICIES[name], attention_residuals)
+
+
+def _is_cudnn_attention_forward(primitive, *_, **__) -> bool:
+  return primitive.name == CUDNN_ATTENTION_FORWARD
 
 
 def sow_aux_loss(module: nn.Module, name: str, value: jax.Array) -> None:
