@@ -6,13 +6,25 @@ layout and grouped-query convention of `jax.nn.dot_product_attention`: query
 reads kv head `h // (heads // kv_heads)`; K and V are never repeated in memory.
 
 The forward pass keeps a [block_q, head_dim] float32 accumulator per grid cell and walks the kv
-blocks with an online softmax; it saves only the output and the log-sum-exp per query row. The
+blocks with an online softmax; it saves only the output and the log-sum-exp per query row
+(`lse` [batch, heads, q_pad] float32, natural log, +inf for a row that sees no key). The
 backward pass (also Pallas) recomputes the probabilities block by block from that log-sum-exp:
 one kernel for dq (grid over query blocks), one for dk/dv (grid over kv blocks and kv heads,
-looping over the query heads of the group). Memory is linear in length.
+looping over the query heads of the group). Memory is linear in length. Each of the three
+kernels has its own tiles and, on GPU, Triton warps and stages (`AttentionBlockSizes`, the
+table `BLOCK_SIZES`): dq holds a long query block and walks short kv blocks, dk/dv the reverse.
 
 Lengths need not be multiples of the block sizes: the dispatch pads to whole blocks and the
 kernels mask the padded keys. Rows with nothing to attend to give zeros, never NaN.
+
+Masks only where needed: blocks outside the causal band or the window are not visited, and
+the visited ones are walked in up to three runs, masked / whole / masked (`_runs`): only the
+blocks that the causal diagonal, a window edge or the padded keys cross pay for the mask's
+iotas, compares and selects, as in FlashAttention-2's Triton kernels. With segment ids every
+visited block is masked. In these kernels logits, running maxima and the recomputed softmax
+are in base 2 (the scale times log2(e), then exp2, one GPU instruction where exp is two); the
+saved log-sum-exp is converted to and from natural log, so the TPU kernels' (natural exp
+throughout) and any other reader's convention is unchanged.
 
 Backends: the kernels in this file follow Triton's layout ([length, groups, head_dim] blocks of
 the query heads of one kv head, 1-D row vectors): on GPU they lower through Triton (block shapes
@@ -37,6 +49,7 @@ pass from re-running the forward kernel; one that does not re-runs it.
 """
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,32 +66,65 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # logit, and far enough from the float32 limit to be added to.
 MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 FLASH_RESIDUAL_NAMES = ("flash_attention_out", "flash_attention_lse")
+LOG2_E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionBlockSizes:
-  """Tile lengths along the query and key axes, forward and backward (powers of two >= 16).
+class KernelBlocks:
+  """One kernel's tile lengths along the query and key axes (powers of two >= 16) and its
+  Triton launch parameters: warps per program and software-pipelining stages (GPU only).
 
   Not shared with the ternary matmul's `MatmulBlockSizes`: the two kernels tile different axes
-  (query/key lengths, twice, here; rows, columns and depth there), so each names its own.
+  (query and key lengths here; rows, columns and depth there), so each names its own.
   """
 
   block_q: int
   block_k: int
-  block_q_bwd: int
-  block_k_bwd: int
+  num_warps: int = 4
+  num_stages: int = 2
 
 
-# backend -> head_dim -> AttentionBlockSizes. GPU: fwd tiles as in FlashAttention-2 Triton
-# kernels, bwd smaller (it holds two accumulators, dk and dv); head_dim 256 halves both. Not
-# tuned per GPU.
+@dataclasses.dataclass(frozen=True)
+class AttentionBlockSizes:
+  """The tiles of the three kernels, each its own: the forward and dq kernels hold a query
+  block and walk the kv blocks, dk/dv holds a kv block and walks the query blocks, and a kernel
+  wants the block it holds (and accumulates into) large and the one it walks small."""
+
+  forward: KernelBlocks
+  dq: KernelBlocks
+  dkv: KernelBlocks
+
+  def kernels(self) -> tuple[KernelBlocks, KernelBlocks, KernelBlocks]:
+    """(forward, dq, dkv)."""
+    return self.forward, self.dq, self.dkv
+
+
+def _same_blocks(block: int) -> AttentionBlockSizes:
+  """Square `block` tiles for all three kernels (launch parameters unused off GPU)."""
+  return AttentionBlockSizes(*[KernelBlocks(block, block)] * 3)
+
+
+# backend -> head_dim -> AttentionBlockSizes.
+# GPU: forward tiles as in FlashAttention-2's Triton kernels (measured on an H200 at 240-263
+# TFLOP/s causal bf16); backward tiles shaped as in Triton's fused-attention tutorial, dq a long
+# query block over short kv blocks, dk/dv the transpose; head_dim 256 halves them. None of it is
+# tuned: `experiments/benchmarks/attention.py --sweep` times candidates on a GPU.
 # TPU: 128 everywhere, Mosaic's lane width; untuned (larger q blocks are likely faster).
 # CPU (interpret mode): big tiles, since interpret cost grows with the number of tile steps.
 BLOCK_SIZES = {
-    "gpu": {64: AttentionBlockSizes(128, 64, 64, 64), 128: AttentionBlockSizes(128, 64, 64, 64),
-            256: AttentionBlockSizes(64, 32, 32, 32)},
-    "tpu": {d: AttentionBlockSizes(128, 128, 128, 128) for d in SUPPORTED_HEAD_DIMS},
-    "cpu": {d: AttentionBlockSizes(128, 128, 128, 128) for d in SUPPORTED_HEAD_DIMS},
+    "gpu": {
+        64: AttentionBlockSizes(forward=KernelBlocks(128, 64, num_warps=4),
+                                dq=KernelBlocks(128, 32, num_warps=4),
+                                dkv=KernelBlocks(32, 128, num_warps=4)),
+        128: AttentionBlockSizes(forward=KernelBlocks(128, 64, num_warps=8),
+                                 dq=KernelBlocks(128, 32, num_warps=8),
+                                 dkv=KernelBlocks(32, 128, num_warps=8)),
+        256: AttentionBlockSizes(forward=KernelBlocks(64, 32, num_warps=8),
+                                 dq=KernelBlocks(64, 32, num_warps=8),
+                                 dkv=KernelBlocks(32, 64, num_warps=8)),
+    },
+    "tpu": {d: _same_blocks(128) for d in SUPPORTED_HEAD_DIMS},
+    "cpu": {d: _same_blocks(128) for d in SUPPORTED_HEAD_DIMS},
 }
 _TPU_MIN_BLOCK = 128  # TPU blocks: multiples of Mosaic's lane width
 
@@ -100,6 +146,13 @@ class _Spec:
   tpu: bool  # the Mosaic kernels of flash_attention_tpu.py, else the Triton-layout ones here
   interpret: bool
   compiler_params: object
+
+  @property
+  def scale_log2(self) -> float:
+    """The logit scale times log2(e): the Triton-layout kernels keep logits, running maxima and
+    the log-sum-exp in base-2 units and exponentiate with exp2, one instruction on a GPU where
+    exp is a multiply and an exp2."""
+    return self.scale * LOG2_E
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +280,70 @@ def _q_block_range(spec, kv_block):
   return _block_of(lo_q, spec.block_q), _block_of(hi_q, spec.block_q) + 1
 
 
+def _kv_block_runs(spec, q_block):
+  """The kv blocks that query block `q_block` (traced) sees, as `_runs`: unmasked where every
+  key of the block is visible to every row of the query block."""
+  lo, hi = _kv_block_range(spec, q_block)
+  first_q, last_q = q_block * spec.block_q, (q_block + 1) * spec.block_q - 1
+  lowers, uppers = [], []  # keys >= each lower and < each upper are visible to every row
+  if spec.kv_pad != spec.kv_len:
+    uppers.append(spec.kv_len)
+  if spec.causal:
+    uppers.append(first_q + 1)
+  if spec.window is not None:
+    left, right = spec.window
+    lowers.append(last_q - left)
+    uppers.append(first_q + right + 1)
+  return _runs(spec, lo, hi, lowers, uppers, spec.block_k)
+
+
+def _q_block_runs(spec, kv_block):
+  """The query blocks that see kv block `kv_block` (traced), as `_runs`: unmasked where every
+  row of the query block sees every key of the kv block."""
+  lo, hi = _q_block_range(spec, kv_block)
+  first_k, last_k = kv_block * spec.block_k, (kv_block + 1) * spec.block_k - 1
+  lowers, uppers = [], []  # rows >= each lower and < each upper see every key
+  if spec.causal:
+    lowers.append(last_k)
+  if spec.window is not None:
+    left, right = spec.window
+    lowers.append(last_k - right)
+    uppers.append(first_k + left + 1)
+  if spec.kv_pad != spec.kv_len:  # no row sees the whole of a block holding padded keys
+    uppers.append(jnp.where(last_k < spec.kv_len, spec.q_pad, 0))
+  return _runs(spec, lo, hi, lowers, uppers, spec.block_q)
+
+
+def _runs(spec, lo, hi, lowers, uppers, block):
+  """Blocks [lo, hi) of length `block` as consecutive runs [(start, stop, masked)]: unmasked
+  the blocks lying wholly in [max(lowers), min(uppers)) (positions along the walked axis),
+  masked those before and after. No lowers (uppers): no masked run before (after); a segmented
+  call has one run, masked. The kernels loop over each run with its own body, so that the
+  common, whole blocks skip the mask's iotas, compares and selects.
+  """
+  if spec.segmented:
+    return [(lo, hi, True)]
+  hi = jnp.maximum(lo, hi)  # a block that no row sees has lo > hi
+  runs = []
+  if lowers:
+    first_whole = lax.div(jnp.maximum(functools.reduce(jnp.maximum, lowers), 0) + block - 1,
+                          block)
+    start = jnp.clip(first_whole, lo, hi)
+    runs.append((lo, start, True))
+    lo = start
+  if not uppers:
+    return runs + [(lo, hi, False)]
+  stop = jnp.clip(lax.div(functools.reduce(jnp.minimum, uppers), block), lo, hi)
+  return runs + [(lo, stop, False), (stop, hi, True)]
+
+
+def _fold_runs(runs, step, carry):
+  """`carry` through step(block, carry, masked=...) over the blocks of `runs`, in order."""
+  for start, stop, masked in runs:
+    carry = lax.fori_loop(start, stop, functools.partial(step, masked=masked), carry)
+  return carry
+
+
 def _block_of(index, block):
   """Block holding `index` (clamped at 0); traced, so `lax.div`, not `//`."""
   return lax.div(jnp.maximum(index, 0), block)
@@ -279,30 +396,32 @@ def _forward_kernel(*refs, spec):
   q_block = pl.program_id(0)
   q = q_ref[...]
 
-  def step(kv_block, carry):
-    acc, m, l = carry  # [bq, head_dim], [bq], [bq] float32
+  def step(kv_block, carry, masked):
+    acc, m, l = carry  # [bq, head_dim], [bq], [bq] float32; m and logits in base-2 units
     keys = pl.ds(kv_block * bk, bk)
-    s = _dot_t(q, k_ref[keys, :]) * spec.scale  # [bq, bk]
-    kv_seg = kv_seg_ref[keys] if spec.segmented else None
-    mask = _block_mask(spec, q_block * bq, kv_block * bk, bq, bk, q_seg, kv_seg)
+    s = _dot_t(q, k_ref[keys, :]) * spec.scale_log2  # [bq, bk]
+    mask = None
+    if masked:
+      kv_seg = kv_seg_ref[keys] if spec.segmented else None
+      mask = _block_mask(spec, q_block * bq, kv_block * bk, bq, bk, q_seg, kv_seg)
     if mask is not None:
       s = jnp.where(mask, s, MASKED_LOGIT)
     m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.exp(s - m_new[:, None])
+    p = jnp.exp2(s - m_new[:, None])
     if mask is not None:
       p = jnp.where(mask, p, 0.0)  # a row masked so far has m_new == MASKED_LOGIT, p == 1
-    correction = jnp.exp(m - m_new)
+    correction = jnp.exp2(m - m_new)
     v = v_ref[keys, :]
     acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l * correction + p.sum(axis=1)
 
-  lo, hi = _kv_block_range(spec, q_block)
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASKED_LOGIT, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, m, l = lax.fori_loop(lo, hi, step, init)
+  acc, m, l = _fold_runs(_kv_block_runs(spec, q_block), step, init)
   empty = l == 0.0  # rows with nothing to attend to: output 0, p == 0 in the backward
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+  # The residual is a natural log, as the TPU kernels' (m is in base-2 units): m ln 2 + ln l.
+  lse_ref[...] = jnp.where(empty, jnp.inf, m / LOG2_E + jnp.log(jnp.where(empty, 1.0, l)))
 
 
 def _forward(q, k, v, segments, spec):
@@ -334,9 +453,11 @@ def _forward(q, k, v, segments, spec):
 # kv_heads), each cell looping over its group's query heads. delta = rowsum(o * do).
 
 
-def _probs(spec, q, k, lse, q_start, k_start, q_seg, kv_seg):
-  """Recomputed softmax tile [rows, cols] from the saved log-sum-exp."""
-  p = jnp.exp(_dot_t(q, k) * spec.scale - lse[:, None])
+def _probs(spec, q, k, lse_log2, masked, q_start, k_start, q_seg, kv_seg):
+  """Recomputed softmax tile [rows, cols] from the saved log-sum-exp, in base-2 units."""
+  p = jnp.exp2(_dot_t(q, k) * spec.scale_log2 - lse_log2[:, None])
+  if not masked:
+    return p
   mask = _block_mask(spec, q_start, k_start, q.shape[0], k.shape[0], q_seg, kv_seg)
   return p if mask is None else jnp.where(mask, p, 0.0)
 
@@ -348,18 +469,18 @@ def _dq_kernel(*refs, spec):
   # q_ref, do_ref, dq_ref: [block_q, d]; k_ref, v_ref: [kv_pad, d]; lse/delta_ref: [block_q]
   bq, bk = spec.block_q, spec.block_k
   q_block = pl.program_id(0)
-  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q, do, lse_log2, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
-  def step(kv_block, dq):
+  def step(kv_block, dq, masked):
     keys = pl.ds(kv_block * bk, bk)
     k = k_ref[keys, :]
     kv_seg = kv_seg_ref[keys] if spec.segmented else None
-    p = _probs(spec, q, k, lse, q_block * bq, kv_block * bk, q_seg, kv_seg)  # [bq, bk]
+    p = _probs(spec, q, k, lse_log2, masked, q_block * bq, kv_block * bk, q_seg,
+               kv_seg)  # [bq, bk]
     ds = p * (_dot_t(do, v_ref[keys, :]) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  lo, hi = _kv_block_range(spec, q_block)
-  dq = lax.fori_loop(lo, hi, step, jnp.zeros(q.shape, jnp.float32))
+  dq = _fold_runs(_kv_block_runs(spec, q_block), step, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
@@ -372,20 +493,21 @@ def _dkv_kernel(*refs, spec):
   bq, bk = spec.block_q, spec.block_k
   kv_block = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]
-  lo, hi = _q_block_range(spec, kv_block)
+  runs = _q_block_runs(spec, kv_block)
 
   def head(g, carry):
-    def step(q_block, carry):
+    def step(q_block, carry, masked):
       dk, dv = carry
       rows = pl.ds(q_block * bq, bq)
       q, do = q_ref[rows, g, :], do_ref[rows, g, :]
       q_seg = q_seg_ref[rows] if spec.segmented else None
-      p = _probs(spec, q, k, lse_ref[g, rows], q_block * bq, kv_block * bk, q_seg, kv_seg)
+      p = _probs(spec, q, k, lse_ref[g, rows], masked, q_block * bq, kv_block * bk, q_seg,
+                 kv_seg)
       dv = dv + _dot_tn(p.astype(do.dtype), do)
       ds = p * (_dot_t(do, v) - delta_ref[g, rows][:, None])  # [bq, bk]
       return dk + _dot_tn(ds.astype(q.dtype), q), dv
 
-    return lax.fori_loop(lo, hi, step, carry)
+    return _fold_runs(runs, step, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, spec.groups, head, (zeros, zeros))
@@ -393,70 +515,76 @@ def _dkv_kernel(*refs, spec):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, segments, out, lse, dout, spec):
+def _backward(q, k, v, segments, out, lse, dout, dq_spec, dkv_spec):
+  """Padded inputs as for `_forward`, its out and lse, dout like q -> dq, dk, dv; each kernel
+  with its own blocks and launch parameters."""
   batch, q_pad, heads, head_dim = q.shape
   kv_pad, kv_heads = k.shape[1], k.shape[2]
-  g, bq, bk = spec.groups, spec.block_q, spec.block_k
+  g = dq_spec.groups
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
+  lse_log2 = lse * LOG2_E  # the kernels' base-2 units; +inf (empty rows) stays +inf
   seg_args = segments or ()
 
   # dq: like the forward, one query block of one head per cell.
+  bq, bk = dq_spec.block_q, dq_spec.block_k
   q_spec = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
   kv_spec = pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, h: (b, 0, h // g, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
   seg_specs = [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
                pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0))]
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, spec=spec),
+      functools.partial(_dq_kernel, spec=dq_spec),
       grid=(q_pad // bq, batch, heads),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
       + (seg_specs if segments else []),
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=spec.compiler_params,
-      interpret=spec.interpret,
+      compiler_params=dq_spec.compiler_params,
+      interpret=dq_spec.interpret,
       name="flash_attention_dq",
-  )(q, k, v, dout, lse, delta, *seg_args)
+  )(q, k, v, dout, lse_log2, delta, *seg_args)
 
   # dk, dv: one kv block of one kv head per cell, over all query heads of its group.
+  bk = dkv_spec.block_k
   group_spec = pl.BlockSpec((None, q_pad, g, head_dim), lambda j, b, h: (b, 0, h, 0))
   group_rows = pl.BlockSpec((None, g, q_pad), lambda j, b, h: (b, h, 0))
   block_spec = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0))
   seg_specs = [pl.BlockSpec((None, q_pad), lambda j, b, h: (b, 0)),
                pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, spec=spec),
+      functools.partial(_dkv_kernel, spec=dkv_spec),
       grid=(kv_pad // bk, batch, kv_heads),
       in_specs=[group_spec, block_spec, block_spec, group_spec, group_rows, group_rows]
       + (seg_specs if segments else []),
       out_specs=[block_spec, block_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=spec.compiler_params,
-      interpret=spec.interpret,
+      compiler_params=dkv_spec.compiler_params,
+      interpret=dkv_spec.interpret,
       name="flash_attention_dkv",
-  )(q, k, v, dout, lse, delta, *seg_args)
+  )(q, k, v, dout, lse_log2, delta, *seg_args)
   return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
-# custom_vjp over padded inputs: forward blocks for the primal, backward blocks for the vjp.
+# custom_vjp over padded inputs: the forward kernel's spec for the primal, the dq and dk/dv
+# kernels' for the vjp.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, segments, fwd_spec, bwd_spec):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, segments, fwd_spec, dq_spec, dkv_spec):
   return _forward_call(q, k, v, segments, fwd_spec)[0]
 
 
-def _flash_fwd(q, k, v, segments, fwd_spec, bwd_spec):
+def _flash_fwd(q, k, v, segments, fwd_spec, dq_spec, dkv_spec):
   out, lse = _forward_call(q, k, v, segments, fwd_spec)
   # Named for remat policies: saving these two spares the backward a second forward kernel.
   out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), FLASH_RESIDUAL_NAMES))
   return out, (q, k, v, segments, out, lse)
 
 
-def _flash_bwd(fwd_spec, bwd_spec, residuals, dout):
+def _flash_bwd(fwd_spec, dq_spec, dkv_spec, residuals, dout):
   q, k, v, segments, out, lse = residuals
-  dq, dk, dv = _kernels(bwd_spec)[1](q, k, v, segments, out, lse, dout, bwd_spec)
+  dq, dk, dv = _kernels(dq_spec)[1](q, k, v, segments, out, lse, dout, dq_spec, dkv_spec)
   return dq, dk, dv, None
 
 
@@ -497,8 +625,9 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
     local_window_size: None, an int w or a pair (left, right): query i sees keys in
       [i - left, i + right] (w means (w, w)), as in jax.nn.dot_product_attention.
     scale: logit scale, default head_dim ** -0.5.
-    block_sizes: an AttentionBlockSizes overriding the per-backend table `BLOCK_SIZES` (on
-      TPU, >= 128).
+    block_sizes: an AttentionBlockSizes overriding the per-backend table `BLOCK_SIZES`: for
+      each kernel (forward, dq, dkv) block_q and block_k, powers of two >= 16 (on TPU >= 128),
+      and Triton's num_warps (a power of two <= 32) and num_stages (>= 1), used on GPU only.
     interpret: run the Pallas kernels in interpret mode; default True on CPU.
 
   Returns [batch, q_len, heads, head_dim] in query's dtype; float32 accumulation throughout.
@@ -512,28 +641,29 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
   interpret = backend == "cpu" if interpret is None else interpret
   q_len, heads, head_dim = query.shape[1:]
   kv_len, kv_heads = key.shape[1], key.shape[2]
-  blocks = block_sizes or BLOCK_SIZES[backend if backend in ("gpu", "tpu") else "cpu"][head_dim]
+  table = block_sizes or BLOCK_SIZES[backend if backend in ("gpu", "tpu") else "cpu"][head_dim]
   # Short inputs shrink the blocks, on TPU not below 128: Mosaic's tiles stay whole (8, 128).
   fit = functools.partial(tiling.fit_power_of_two,
                           smallest=_TPU_MIN_BLOCK if backend == "tpu" else tiling.TRITON_MIN_BLOCK)
-  fwd_blocks = (fit(blocks.block_q, q_len), fit(blocks.block_k, kv_len))
-  bwd_blocks = (fit(blocks.block_q_bwd, q_len), fit(blocks.block_k_bwd, kv_len))
+  kernels = [dataclasses.replace(blocks, block_q=fit(blocks.block_q, q_len),
+                                 block_k=fit(blocks.block_k, kv_len))
+             for blocks in table.kernels()]
   # Pad once to lengths every block divides (blocks are powers of two: the largest does).
-  q_pad = tiling.round_up(q_len, max(fwd_blocks[0], bwd_blocks[0]))
-  kv_pad = tiling.round_up(kv_len, max(fwd_blocks[1], bwd_blocks[1]))
-  spec = functools.partial(
-      _Spec, q_pad=q_pad, kv_pad=kv_pad, kv_len=kv_len,
-      scale=head_dim**-0.5 if scale is None else float(scale), causal=causal,
-      window=_window(local_window_size), segmented=segment_ids is not None,
-      groups=heads // kv_heads, tpu=backend == "tpu", interpret=interpret,
-      compiler_params=_compiler_params(backend, head_dim, interpret))
+  q_pad = tiling.round_up(q_len, max(blocks.block_q for blocks in kernels))
+  kv_pad = tiling.round_up(kv_len, max(blocks.block_k for blocks in kernels))
+  fwd_spec, dq_spec, dkv_spec = (
+      _Spec(q_pad=q_pad, kv_pad=kv_pad, kv_len=kv_len, block_q=blocks.block_q,
+            block_k=blocks.block_k, scale=head_dim**-0.5 if scale is None else float(scale),
+            causal=causal, window=_window(local_window_size),
+            segmented=segment_ids is not None, groups=heads // kv_heads, tpu=backend == "tpu",
+            interpret=interpret, compiler_params=_compiler_params(backend, blocks, interpret))
+      for blocks in kernels)
   segments = None
   if segment_ids is not None:
     q_seg, kv_seg = _split_segment_ids(segment_ids)
     segments = (_pad(q_seg.astype(jnp.int32), q_pad), _pad(kv_seg.astype(jnp.int32), kv_pad))
   out = _flash(_pad(query, q_pad), _pad(key, kv_pad), _pad(value, kv_pad), segments,
-               spec(block_q=fwd_blocks[0], block_k=fwd_blocks[1]),
-               spec(block_q=bwd_blocks[0], block_k=bwd_blocks[1]))
+               fwd_spec, dq_spec, dkv_spec)
   return out[:, :q_len]
 
 
@@ -556,11 +686,12 @@ def _split_segment_ids(segment_ids):
   return segment_ids, segment_ids
 
 
-def _compiler_params(backend, head_dim, interpret):
+def _compiler_params(backend, blocks, interpret):
+  """Triton's launch parameters from a kernel's KernelBlocks (GPU); None elsewhere."""
   if backend != "gpu" or interpret:
     return None
   from jax.experimental.pallas import triton as plgpu
-  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+  return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
 def _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes, backend):
@@ -594,9 +725,22 @@ def _check_inputs(query, key, value, segment_ids, local_window_size, block_sizes
     raise ValueError(f"local_window_size={local_window_size} must be an int or a pair "
                      "(left, right) of non-negative ints")
   if block_sizes is not None:
-    blocks = dataclasses.astuple(block_sizes)
-    if not all(tiling.is_triton_block(b) for b in blocks):
-      raise ValueError(f"block_sizes={block_sizes} must be powers of two >= "
-                       f"{tiling.TRITON_MIN_BLOCK}")
-    if backend == "tpu" and min(blocks) < _TPU_MIN_BLOCK:
-      raise ValueError(f"block_sizes={block_sizes} must be >= {_TPU_MIN_BLOCK} on TPU")
+    _check_block_sizes(block_sizes, backend)
+
+
+def _check_block_sizes(block_sizes, backend):
+  if not (isinstance(block_sizes, AttentionBlockSizes)
+          and all(isinstance(b, KernelBlocks) for b in block_sizes.kernels())):
+    raise ValueError(f"block_sizes={block_sizes} must be an AttentionBlockSizes of three "
+                     "KernelBlocks (forward, dq, dkv)")
+  for name, blocks in zip(("forward", "dq", "dkv"), block_sizes.kernels()):
+    lengths = (blocks.block_q, blocks.block_k)
+    if not all(tiling.is_triton_block(b) for b in lengths):
+      raise ValueError(f"block_sizes.{name}={blocks}: block_q and block_k must be powers of "
+                       f"two >= {tiling.TRITON_MIN_BLOCK}")
+    if backend == "tpu" and min(lengths) < _TPU_MIN_BLOCK:
+      raise ValueError(f"block_sizes.{name}={blocks}: block_q and block_k must be >= "
+                       f"{_TPU_MIN_BLOCK} on TPU")
+    if not (blocks.num_warps in (1, 2, 4, 8, 16, 32) and blocks.num_stages >= 1):
+      raise ValueError(f"block_sizes.{name}={blocks}: num_warps must be a power of two <= 32 "
+                       "(Triton's rule) and num_stages >= 1")

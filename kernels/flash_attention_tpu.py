@@ -226,52 +226,56 @@ def _dkv_kernel(*refs, spec):
     dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, segments, out, lse, dout, spec):
-  """Padded inputs as for `forward`, its out and lse, dout like q -> dq, dk, dv."""
+def backward(q, k, v, segments, out, lse, dout, dq_spec, dkv_spec):
+  """Padded inputs as for `forward`, its out and lse, dout like q -> dq, dk, dv; each kernel
+  with its own blocks."""
   batch, q_pad, heads, head_dim = q.shape
   kv_heads = k.shape[2]
-  g, bq, bk = spec.groups, spec.block_q, spec.block_k
+  g = dq_spec.groups
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
   q, k, v, dout = (_head_major(x) for x in (q, k, v, dout))
   lse, delta = _lane_replicated(lse), _lane_replicated(delta)  # [batch, heads, q_pad, 128]
   seg_args = _segment_args(segments)
 
   # dq: like the forward, one query block of one head per (batch, head, q block), kv innermost.
-  q_spec, kv_spec, rows_spec, seg_specs = _query_major_specs(spec, head_dim)
+  bq, bk = dq_spec.block_q, dq_spec.block_k
+  q_spec, kv_spec, rows_spec, seg_specs = _query_major_specs(dq_spec, head_dim)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, spec=spec),
-      grid=(batch, heads, q_pad // bq, spec.kv_pad // bk),
+      functools.partial(_dq_kernel, spec=dq_spec),
+      grid=(batch, heads, q_pad // bq, dq_spec.kv_pad // bk),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, rows_spec, rows_spec]
-      + (seg_specs if spec.segmented else []),
+      + (seg_specs if dq_spec.segmented else []),
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
       compiler_params=_compiler_params(3, 1),
-      interpret=spec.interpret,
+      interpret=dq_spec.interpret,
       name="flash_attention_dq_tpu",
   )(q, k, v, dout, lse, delta, *seg_args)
 
   # dk, dv: one kv block of one kv head per (batch, kv head, kv block), over every q block of
   # every query head of its group (heads h * g + r, r < g).
+  bq, bk = dkv_spec.block_q, dkv_spec.block_k
+
   def q_index(b, h, j, r, i):
-    return b, h * g + r, _visible_q_block(spec, j, i), 0
+    return b, h * g + r, _visible_q_block(dkv_spec, j, i), 0
 
   group_q_spec = pl.BlockSpec((None, None, bq, head_dim), q_index)
   group_rows_spec = pl.BlockSpec((None, None, bq, LANES), q_index)
   block_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, r, i: (b, h, j, 0))
   seg_specs = [pl.BlockSpec((None, bq, LANES),
-                            lambda b, h, j, r, i: (b, _visible_q_block(spec, j, i), 0)),
+                            lambda b, h, j, r, i: (b, _visible_q_block(dkv_spec, j, i), 0)),
                pl.BlockSpec((None, SUBLANES, bk), lambda b, h, j, r, i: (b, 0, j))]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, spec=spec),
-      grid=(batch, kv_heads, spec.kv_pad // bk, g, q_pad // bq),
+      functools.partial(_dkv_kernel, spec=dkv_spec),
+      grid=(batch, kv_heads, dkv_spec.kv_pad // bk, g, q_pad // bq),
       in_specs=[group_q_spec, block_spec, block_spec, group_q_spec, group_rows_spec,
-                group_rows_spec] + (seg_specs if spec.segmented else []),
+                group_rows_spec] + (seg_specs if dkv_spec.segmented else []),
       out_specs=[block_spec, block_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32)] * 2,
       compiler_params=_compiler_params(3, 2),
-      interpret=spec.interpret,
+      interpret=dkv_spec.interpret,
       name="flash_attention_dkv_tpu",
   )(q, k, v, dout, lse, delta, *seg_args)
   return _head_major(dq), _head_major(dk), _head_major(dv)

@@ -6,6 +6,7 @@ Forward and all three gradients on fresh random inputs of awkward shapes, agains
 at full float32 precision (`reference_output_and_grads`). Error is
 max|kernel - reference| / max(max|reference|, 1) per output, within F32_BOUND for float32
 inputs and BF16_BOUND for bfloat16 ones (the reference then runs on the same values in float32).
+Which blocks each kernel masks is checked against the mask itself.
 """
 import functools
 import itertools
@@ -20,9 +21,10 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.extend import core as jax_core
 
 from llm_research.config import base_config
+from llm_research.kernels import flash_attention as flash_module
 from llm_research.kernels.flash_attention import (FLASH_RESIDUAL_NAMES, AttentionBlockSizes,
-                                                  flash_attention, flash_attention_reference,
-                                                  masked_attention)
+                                                  KernelBlocks, flash_attention,
+                                                  flash_attention_reference, masked_attention)
 from llm_research.models import Transformer, TransformerConfig
 from llm_research.train import TrainState, learning_rate_schedule, make_optimizer, train_step
 
@@ -128,11 +130,70 @@ def test_tpu_layout_float32_matches_reference(batch, heads, kv_heads, length, he
                           attention=tpu_flash_attention)
 
 
-@pytest.mark.parametrize("window,causal", [((33, 0), True), (20, False)])
-def test_sliding_window_with_small_blocks_matches_reference(window, causal):
-  """Many 16/32 blocks: the kernels skip blocks outside the causal band and the window."""
-  check_against_reference(5, 1, 4, 2, 130, 64, causal=causal, segmented=True, window=window,
-                          blocks=AttentionBlockSizes(32, 16, 16, 32), bound=F32_BOUND)
+# Small tiles, each kernel's its own, neither square nor alike: the tile edges fall at different
+# places in each kernel, relative to the causal diagonal, the window and the padding.
+SMALL_BLOCKS = AttentionBlockSizes(forward=KernelBlocks(32, 16), dq=KernelBlocks(64, 16),
+                                   dkv=KernelBlocks(16, 32))
+
+
+@pytest.mark.parametrize("window,causal,segmented", [
+    ((33, 0), True, True), (20, False, True), ((40, 3), True, False), ((7, 50), False, False)])
+def test_small_blocks_match_reference(window, causal, segmented):
+  """130 keys in 16 to 64 blocks: the kernels skip the blocks outside the causal band and the
+  window, and unsegmented ones mask only the blocks that the band's or the window's edges or
+  the padded keys cross (`test_blocks_are_masked_exactly_where_some_key_is_hidden`)."""
+  check_against_reference(5, 1, 4, 2, 130, 64, causal=causal, segmented=segmented,
+                          window=window, blocks=SMALL_BLOCKS, bound=F32_BOUND)
+
+
+def kernel_spec(q_len, kv_len, block_q, block_k, causal, window):
+  """The static spec of one unsegmented kernel over the padded lengths: q padded to its blocks,
+  keys to 64 (a multiple of every block, so some kv blocks may be padding only)."""
+  return flash_module._Spec(
+      q_pad=-(-q_len // block_q) * block_q, kv_pad=-(-kv_len // 64) * 64, kv_len=kv_len,
+      block_q=block_q, block_k=block_k, scale=1.0, causal=causal, window=window,
+      segmented=False, groups=1, tpu=False, interpret=True, compiler_params=None)
+
+
+def visible(spec):
+  """[q_pad, kv_pad] bool, which query sees which key, from the semantics (numpy)."""
+  q_idx, k_idx = np.arange(spec.q_pad)[:, None], np.arange(spec.kv_pad)[None, :]
+  mask = (k_idx < spec.kv_len) & ((q_idx >= k_idx) | (not spec.causal))
+  if spec.window is not None:
+    left, right = spec.window
+    mask &= (k_idx >= q_idx - left) & (k_idx <= q_idx + right)
+  return mask
+
+
+# Windows whose edges fall on, one before and one after the 16 and 64 block boundaries.
+@pytest.mark.parametrize("causal,window", [
+    (True, None), (False, None), (True, (14, 0)), (True, (15, 0)), (True, (33, 0)),
+    (True, (40, 3)), (False, (15, 14)), (False, (14, 15)), (False, (63, 31)), (False, (0, 0))])
+def test_blocks_are_masked_exactly_where_some_key_is_hidden(causal, window):
+  """The runs each kernel loops over (`_kv_block_runs` for the forward and dq, `_q_block_runs`
+  for dk/dv) against the mask: consecutive, covering every tile with a visible key; a tile in
+  an unmasked run has every key visible (else the kernel would attend to hidden keys), a tile
+  in a masked run has some key hidden (else it would do mask work it does not need)."""
+  # 79 keys end one short of a 16, 32 and 64 boundary, 128 on one.
+  for q_len, kv_len, block_q, block_k in itertools.product((1, 100, 130), (79, 128),
+                                                            (16, 64), (16, 32)):
+    spec = kernel_spec(q_len, kv_len, block_q, block_k, causal, window)
+    tiles = visible(spec).reshape(spec.q_pad // block_q, block_q, spec.kv_pad // block_k,
+                                  block_k).swapaxes(1, 2)  # [q blocks, kv blocks, bq, bk]
+    for held, runs_of, walked_tiles in (
+        ("q block", flash_module._kv_block_runs, tiles),
+        ("kv block", flash_module._q_block_runs, tiles.swapaxes(0, 1))):
+      for block, walked in enumerate(walked_tiles):  # walked: [walked blocks, bq, bk]
+        where = f"{spec}, {held} {block}"
+        runs = [(int(start), int(stop), masked) for start, stop, masked in runs_of(spec, block)]
+        assert all(start <= stop for start, stop, _ in runs), f"{where}: {runs}"
+        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:])), f"{where}: {runs}"
+        covered = np.zeros(len(walked), bool)
+        covered[runs[0][0]:runs[-1][1]] = True
+        assert not np.any(walked.any(axis=(1, 2)) & ~covered), f"{where}: {runs}"
+        for start, stop, masked in runs:
+          all_visible = walked[start:stop].all(axis=(1, 2))
+          assert np.all(all_visible != masked), f"{where}: {runs}, {all_visible}"
 
 
 def test_tpu_layout_sliding_window_matches_reference():
@@ -223,10 +284,10 @@ def test_masked_attention_keeps_no_float32_scores_for_the_backward_pass():
   assert all(x.dtype == jnp.bfloat16 for x in scores), [(x.shape, x.dtype) for x in scores]
 
 
-def pallas_call_names(jaxpr):
-  """The names of the pallas_calls in a jaxpr and all its sub-jaxprs, in order."""
-  names = [str(eqn.params["name"]) for eqn in jaxpr.eqns if eqn.primitive.name == "pallas_call"]
-  return names + [name for sub in jax_core.subjaxprs(jaxpr) for name in pallas_call_names(sub)]
+def pallas_call_eqns(jaxpr):
+  """The pallas_call equations of a jaxpr and all its sub-jaxprs, in order."""
+  eqns = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "pallas_call"]
+  return eqns + [eqn for sub in jax_core.subjaxprs(jaxpr) for eqn in pallas_call_eqns(sub)]
 
 
 @pytest.mark.parametrize("policy,forward_calls", [
@@ -245,7 +306,7 @@ def test_remat_that_saves_the_named_residuals_runs_the_forward_kernel_once(polic
     return jnp.sum(flash_attention(q, k, v, causal=True) ** 2)
 
   grad = jax.grad(jax.checkpoint(loss, policy=policy), argnums=1)
-  calls = pallas_call_names(jax.make_jaxpr(grad)(x, w).jaxpr)
+  calls = [str(eqn.params["name"]) for eqn in pallas_call_eqns(jax.make_jaxpr(grad)(x, w).jaxpr)]
   assert calls.count("flash_attention_forward") == forward_calls, calls
   assert calls.count("flash_attention_dq") == calls.count("flash_attention_dkv") == 1, calls
   np.testing.assert_allclose(jax.jit(grad)(x, w), jax.jit(jax.grad(loss, argnums=1))(x, w),
@@ -264,7 +325,12 @@ def test_remat_that_saves_the_named_residuals_runs_the_forward_kernel_once(polic
     (((1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)), {"local_window_size": -1},
      "local_window_size"),
     (((1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)),
-     {"block_sizes": AttentionBlockSizes(64, 48, 32, 32)}, "block_sizes"),
+     {"block_sizes": AttentionBlockSizes(*[KernelBlocks(64, 48)] * 3)}, "block_sizes.forward"),
+    (((1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)),
+     {"block_sizes": AttentionBlockSizes(KernelBlocks(64, 64), KernelBlocks(64, 64),
+                                         KernelBlocks(64, 64, num_warps=3))}, "block_sizes.dkv"),
+    (((1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)), {"block_sizes": (64, 64, 32, 32)},
+     "AttentionBlockSizes"),
 ])
 def test_bad_inputs_raise_naming_the_argument(shapes, kwargs, message):
   dtype = kwargs.pop("dtype", jnp.float32)
@@ -276,8 +342,9 @@ def test_bad_inputs_raise_naming_the_argument(shapes, kwargs, message):
 def test_tpu_blocks_must_be_at_least_128():
   q = jax.ShapeDtypeStruct((1, 8, 4, 64), jnp.float32)
   kv = jax.ShapeDtypeStruct((1, 8, 2, 64), jnp.float32)
-  blocks = AttentionBlockSizes(128, 64, 128, 128)
-  with pytest.raises(ValueError, match=">= 128 on TPU"):
+  blocks = AttentionBlockSizes(KernelBlocks(128, 128), KernelBlocks(128, 64),
+                               KernelBlocks(128, 128))
+  with pytest.raises(ValueError, match="block_sizes.dq.* >= 128 on TPU"):
     jax.eval_shape(functools.partial(tpu_flash_attention, block_sizes=blocks), q, kv, kv)
 
 
@@ -349,8 +416,10 @@ def test_sweep_matches_reference(length, head_dim, kv_heads, causal, segmented):
 def test_kernels_lower_for_gpu_and_tpu(monkeypatch, platform, backend, custom_call):
   """Without interpret mode the dispatch lowers forward, dq and dk/dv through Pallas' Triton
   lowering (CUDA) or, with the kernels of flash_attention_tpu.py, its Mosaic lowering (TPU):
-  block shapes and ops the backend accepts. Compiling that IR (Triton to PTX, Mosaic in libtpu)
-  needs the device and is not checked here."""
+  block shapes and ops the backend accepts, each kernel with its table entry's blocks and
+  launch parameters. Segmented, every block masked; unsegmented, the loops split into masked
+  and unmasked runs of blocks. Compiling that IR (Triton to PTX, Mosaic in libtpu) needs the
+  device and is not checked here."""
   from jax import export
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   q = jax.ShapeDtypeStruct((1, 1000, 8, 128), jnp.bfloat16)
@@ -358,16 +427,47 @@ def test_kernels_lower_for_gpu_and_tpu(monkeypatch, platform, backend, custom_ca
   segment_ids = jax.ShapeDtypeStruct((1, 1000), jnp.int32)
 
   def forward_and_backward(q, k, v, dout, segment_ids):
-    f = functools.partial(flash_attention, causal=True, segment_ids=segment_ids,
-                          local_window_size=(256, 0))
-    out, vjp = jax.vjp(f, q, k, v)
-    return out, vjp(dout)
+    results = []
+    for ids in (segment_ids, None):
+      f = functools.partial(flash_attention, causal=True, segment_ids=ids,
+                            local_window_size=(256, 0))
+      out, vjp = jax.vjp(f, q, k, v)
+      results.append((out, vjp(dout)))
+    return results
 
   checks = [export.DisabledSafetyCheck.custom_call(custom_call)] if platform == "cuda" else []
   exported = export.export(jax.jit(forward_and_backward), platforms=[platform],
                            disabled_checks=checks)(q, kv, kv, q, segment_ids)
   module = exported.mlir_module()
-  assert module.count(custom_call) == 3  # forward, dq, dk/dv
+  assert module.count(custom_call) == 6  # forward, dq, dk/dv; segmented and not
   if platform == "tpu":
     for kernel in ("forward", "dq", "dkv"):
       assert f"flash_attention_{kernel}_tpu" in module
+
+
+def test_each_kernel_runs_with_its_own_blocks_and_launch_parameters(monkeypatch):
+  """On GPU, block_sizes' forward, dq and dkv entries reach their own kernel: the grid over
+  the blocks that kernel holds, and Triton's num_warps and num_stages."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  blocks = AttentionBlockSizes(forward=KernelBlocks(32, 16, num_warps=2, num_stages=3),
+                               dq=KernelBlocks(64, 16, num_warps=8, num_stages=4),
+                               dkv=KernelBlocks(16, 32, num_warps=1, num_stages=5))
+  q = jax.ShapeDtypeStruct((1, 100, 4, 64), jnp.bfloat16)  # padded to 128
+  kv = jax.ShapeDtypeStruct((1, 100, 2, 64), jnp.bfloat16)
+
+  def forward_and_backward(q, k, v):
+    f = functools.partial(flash_attention, causal=True, block_sizes=blocks, interpret=False)
+    out, vjp = jax.vjp(f, q, k, v)
+    return vjp(out)
+
+  jaxpr = jax.make_jaxpr(forward_and_backward)(q, kv, kv).jaxpr
+  calls = {str(eqn.params["name"]): eqn for eqn in pallas_call_eqns(jaxpr)}
+  # (kernel, its blocks, the blocks along the first grid axis: q for forward and dq, kv for dkv)
+  for name, kernel_blocks, grid_blocks in (("forward", blocks.forward, 128 // 32),
+                                           ("dq", blocks.dq, 128 // 64),
+                                           ("dkv", blocks.dkv, 128 // 32)):
+    eqn = calls[f"flash_attention_{name}"]
+    params = eqn.params["compiler_params"]
+    assert eqn.params["grid_mapping"].grid[0] == grid_blocks, name
+    assert (params.num_warps, params.num_stages) == (kernel_blocks.num_warps,
+                                                     kernel_blocks.num_stages), name
