@@ -31,7 +31,11 @@ the query heads of one kv head, 1-D row vectors): on GPU they lower through Trit
 are powers of two >= 16); on CPU they run with `interpret=True` (the tests). Mosaic (TPU) does
 not tile that layout, so on TPU the dispatch runs the kernels of flash_attention_tpu.py instead:
 the same algorithm on head-major [batch, heads, length, head_dim] views with 2-D (8, 128)-tiled
-blocks (block lengths >= 128, short inputs padded to 128) and VMEM accumulators.
+blocks (block lengths >= 128, short inputs padded to 128) and VMEM accumulators. On a Hopper GPU
+the forward of bfloat16 or float16 attention, causal or full, without segment ids or a window,
+at head_dim 64 or 128 and padded lengths that its tiles divide (128), runs
+flash_attention_mgpu.py's kernel instead (Mosaic GPU: TMA, wgmma, warp specialisation); its out
+and lse feed the backward kernels here unchanged. `hopper_forward` forces either choice.
 
 Precision: float32 inputs are multiplied at the backend's default precision for float32 dots,
 that of `jnp.dot` without `precision=` and of XLA's and cuDNN's attention: TF32 on NVIDIA GPUs
@@ -146,6 +150,7 @@ class _Spec:
   tpu: bool  # the Mosaic kernels of flash_attention_tpu.py, else the Triton-layout ones here
   interpret: bool
   compiler_params: object
+  hopper: bool = False  # the forward of flash_attention_mgpu.py, not the Triton-layout one
 
   @property
   def scale_log2(self) -> float:
@@ -310,7 +315,9 @@ def _q_block_runs(spec, kv_block):
     lowers.append(last_k - right)
     uppers.append(first_k + left + 1)
   if spec.kv_pad != spec.kv_len:  # no row sees the whole of a block holding padded keys
-    uppers.append(jnp.where(last_k < spec.kv_len, spec.q_pad, 0))
+    # q_pad or 0; not jnp.where, whose select Pallas' Triton lowering fed as an i1 into the
+    # division in `_runs` (caught by lowering a causal call with padded keys and no window).
+    uppers.append(jnp.asarray(last_k < spec.kv_len, jnp.int32) * spec.q_pad)
   return _runs(spec, lo, hi, lowers, uppers, spec.block_q)
 
 
@@ -605,7 +612,18 @@ def _kernels(spec):
   if spec.tpu:
     from llm_research.kernels import flash_attention_tpu  # imports this module
     return flash_attention_tpu.forward, flash_attention_tpu.backward
+  if spec.hopper:
+    return _hopper_forward, _backward
   return _forward, _backward
+
+
+def _hopper_forward(q, k, v, segments, spec):
+  """flash_attention_mgpu's forward with its default tiles on the padded inputs -> (out, lse);
+  `_hopper_forward_applies` chose it, so there are no segments."""
+  from llm_research.kernels import flash_attention_mgpu
+  del segments
+  return flash_attention_mgpu.forward(q, k, v, causal=spec.causal, scale=spec.scale,
+                                      kv_len=spec.kv_len, interpret=spec.interpret)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,7 +631,8 @@ def _kernels(spec):
 
 
 def flash_attention(query, key, value, *, causal=False, segment_ids=None,
-                    local_window_size=None, scale=None, block_sizes=None, interpret=None):
+                    local_window_size=None, scale=None, block_sizes=None, interpret=None,
+                    hopper_forward=None):
   """Memory-efficient softmax attention, a drop-in for `jax.nn.dot_product_attention`.
 
   Args:
@@ -629,6 +648,10 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
       each kernel (forward, dq, dkv) block_q and block_k, powers of two >= 16 (on TPU >= 128),
       and Triton's num_warps (a power of two <= 32) and num_stages (>= 1), used on GPU only.
     interpret: run the Pallas kernels in interpret mode; default True on CPU.
+    hopper_forward: run the forward on flash_attention_mgpu.py's Hopper kernel (True; an error
+      where it does not apply; with interpret=True, its Mosaic GPU interpreter), never (False),
+      or where it applies (None: a Hopper GPU, not interpreting, and the module docstring's
+      conditions). `block_sizes.forward` then does not apply: that kernel has its own tiles.
 
   Returns [batch, q_len, heads, head_dim] in query's dtype; float32 accumulation throughout.
   Float32 inputs are multiplied at the backend's default dot precision: TF32 on NVIDIA GPUs
@@ -658,6 +681,9 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
             segmented=segment_ids is not None, groups=heads // kv_heads, tpu=backend == "tpu",
             interpret=interpret, compiler_params=_compiler_params(backend, blocks, interpret))
       for blocks in kernels)
+  if _hopper_forward_applies(hopper_forward, backend, interpret, query, segment_ids,
+                             local_window_size, q_pad, kv_pad):
+    fwd_spec = dataclasses.replace(fwd_spec, hopper=True)
   segments = None
   if segment_ids is not None:
     q_seg, kv_seg = _split_segment_ids(segment_ids)
@@ -684,6 +710,31 @@ def _split_segment_ids(segment_ids):
   if segment_ids is None or isinstance(segment_ids, (tuple, list)):
     return segment_ids if segment_ids is not None else (None, None)
   return segment_ids, segment_ids
+
+
+def _hopper_forward_applies(hopper_forward, backend, interpret, query, segment_ids,
+                            local_window_size, q_pad, kv_pad) -> bool:
+  """Whether the forward runs flash_attention_mgpu's kernel (`hopper_forward` in
+  flash_attention); raises where hopper_forward=True asks for it and it does not apply."""
+  if hopper_forward is False:
+    return False
+  from llm_research.kernels import flash_attention_mgpu
+  on_hopper = backend == "gpu" and flash_attention_mgpu.hopper_available()
+  reasons = []
+  # Chosen by default only compiled on a Hopper; asked for, it may run interpreted anywhere.
+  if not (on_hopper and not interpret if hopper_forward is None else on_hopper or interpret):
+    reasons.append("it runs on a Hopper GPU (compute capability 9.0), or in interpret mode")
+  if segment_ids is not None or local_window_size is not None:
+    reasons.append("it takes no segment_ids and no local_window_size")
+  if not flash_attention_mgpu.takes_with_default_tiles(query.dtype, query.shape[3], q_pad,
+                                                       kv_pad):
+    reasons.append(f"it takes {[d.name for d in flash_attention_mgpu.SUPPORTED_DTYPES]} at "
+                   f"head_dim {flash_attention_mgpu.SUPPORTED_HEAD_DIMS} and lengths padded "
+                   f"to multiples of its tiles, got {query.dtype.name}, head_dim "
+                   f"{query.shape[3]}, lengths padded to {q_pad} and {kv_pad}")
+  if hopper_forward and reasons:
+    raise ValueError("hopper_forward=True, but " + "; ".join(reasons))
+  return not reasons
 
 
 def _compiler_params(backend, blocks, interpret):

@@ -418,7 +418,7 @@ def test_kernels_lower_for_gpu_and_tpu(monkeypatch, platform, backend, custom_ca
   lowering (CUDA) or, with the kernels of flash_attention_tpu.py, its Mosaic lowering (TPU):
   block shapes and ops the backend accepts, each kernel with its table entry's blocks and
   launch parameters. Segmented, every block masked; unsegmented, the loops split into masked
-  and unmasked runs of blocks. Compiling that IR (Triton to PTX, Mosaic in libtpu) needs the
+  and unmasked runs of blocks (with a window, and causal only: different bounds). Compiling that IR (Triton to PTX, Mosaic in libtpu) needs the
   device and is not checked here."""
   from jax import export
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
@@ -428,9 +428,9 @@ def test_kernels_lower_for_gpu_and_tpu(monkeypatch, platform, backend, custom_ca
 
   def forward_and_backward(q, k, v, dout, segment_ids):
     results = []
-    for ids in (segment_ids, None):
+    for ids, window in ((segment_ids, (256, 0)), (None, (256, 0)), (None, None)):
       f = functools.partial(flash_attention, causal=True, segment_ids=ids,
-                            local_window_size=(256, 0))
+                            local_window_size=window, hopper_forward=False)
       out, vjp = jax.vjp(f, q, k, v)
       results.append((out, vjp(dout)))
     return results
@@ -439,7 +439,7 @@ def test_kernels_lower_for_gpu_and_tpu(monkeypatch, platform, backend, custom_ca
   exported = export.export(jax.jit(forward_and_backward), platforms=[platform],
                            disabled_checks=checks)(q, kv, kv, q, segment_ids)
   module = exported.mlir_module()
-  assert module.count(custom_call) == 6  # forward, dq, dk/dv; segmented and not
+  assert module.count(custom_call) == 9  # forward, dq, dk/dv; segmented, windowed, causal only
   if platform == "tpu":
     for kernel in ("forward", "dq", "dkv"):
       assert f"flash_attention_{kernel}_tpu" in module
