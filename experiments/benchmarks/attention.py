@@ -10,7 +10,9 @@ a time limit keeps the rows it finished.
 
 speed (GPU, TPU): forward and forward+backward TFLOP/s, median of `--steps` after a warm-up
 call (wall time around device-synchronised calls, so launch overhead counts), and each peer's
-speed relative to ours (> 1: faster than ours). FLOPs: forward
+speed relative to ours (> 1: faster than ours). "ours" is the dispatch: on a Hopper GPU its
+forward is flash_attention_mgpu.py's where that applies; "ours, triton forward" (GPU) times the
+Triton-layout forward instead, the backward being the same. FLOPs: forward
 4 * batch * heads * q_len * kv_len * head_dim (two matmuls), backward 2.5x the forward (five
 matmuls), causal counted at half. Peers: the XLA reference (the jnp reference, which
 materialises the logits); on GPU `jax.nn.dot_product_attention(implementation='cudnn')`, JAX's
@@ -27,8 +29,10 @@ candidates; the backward alone (the vjp of a forward already run) for dq's and d
 other backward kernel at its BLOCK_SIZES["gpu"] entry, so that the two backward winners
 combine. The fastest of each kernel is marked and written out as an AttentionBlockSizes to
 copy into BLOCK_SIZES; with SWEEP_CANDIDATES, at most 13 configurations (compiles) per
-(length, head_dim). On CPU the grid runs in interpret mode: a check of the script, not a
-timing.
+(length, head_dim). On a Hopper it then times the Mosaic GPU forward (flash_attention_mgpu)
+over HOPPER_CANDIDATES, its defaults first, for flash_attention_mgpu's DEFAULT_* constants
+(lengths must be multiples of 128). On CPU the grid runs in interpret mode (the Hopper
+forward is left out there): a check of the script, not a timing.
 
 memory (the default on CPU, where the kernel runs in interpret mode and is too slow to time):
 the jitted forward+backward of ours and of the XLA reference are compiled, not run, and XLA's
@@ -52,6 +56,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from llm_research.kernels import flash_attention_mgpu
 from llm_research.kernels.flash_attention import (BLOCK_SIZES, AttentionBlockSizes, KernelBlocks,
                                                   flash_attention, flash_attention_reference)
 from llm_research.metrics import median_seconds
@@ -77,6 +82,14 @@ SWEEP_CANDIDATES = {
             KernelBlocks(64, 128, num_warps=8, num_stages=2),
             KernelBlocks(64, 64, num_warps=8, num_stages=2)],
 }
+# --sweep's variants of the Hopper forward (flash_attention_mgpu.forward's keyword arguments),
+# after its defaults (2 compute warpgroups of 64 rows, ping-pong, 128-key blocks, 2 slots):
+# the fallbacks if ping-pong or the second warpgroup misbehave, and deeper rings of smaller
+# kv blocks (the shared memory check refuses what does not fit, in its cell).
+HOPPER_CANDIDATES = [{}, {"ping_pong": False}, {"num_compute_warpgroups": 1},
+                     {"block_kv": 64, "max_concurrent_steps": 3},
+                     {"block_kv": 64, "max_concurrent_steps": 4},
+                     {"block_kv": 128, "max_concurrent_steps": 3}]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +110,10 @@ def peers(backend, causal):
   """name -> Peer; ours first, the XLA reference last (the slowest, the likeliest to run out of
   memory, and the first to lose to a time limit). GPU peers import their module when traced,
   so that a missing one fails in its own cells."""
-  impls = {"ours (pallas)": Peer(functools.partial(flash_attention, causal=causal))}
+  impls = {"ours": Peer(functools.partial(flash_attention, causal=causal))}
   if backend == "gpu":
+    impls["ours, triton forward"] = Peer(functools.partial(flash_attention, causal=causal,
+                                                           hopper_forward=False))
     impls["cudnn"] = Peer(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                             implementation="cudnn"))
     impls["jax pallas triton (mha)"] = Peer(functools.partial(jax_pallas_mha, causal=causal))
@@ -226,6 +241,23 @@ def sweep_rows(args, backend):
       best = AttentionBlockSizes(**winners)
       rows.append([length, head_dim, "best", f"`{best}`", "", "", "", "", ""])
       yield head, rows
+      if backend == "gpu" and flash_attention_mgpu.hopper_available():
+        results = {}  # variant -> seconds or why not
+        for variant in HOPPER_CANDIDATES:
+          forward = jax.jit(lambda q, k, v, variant=variant: flash_attention_mgpu.forward(
+              q, k, v, causal=args.causal, **variant)[0])
+          results[str(variant or "defaults")] = timed(lambda: forward(q, k, v), args.steps)
+        times = {name: s for name, s in results.items() if isinstance(s, float)}
+        fastest = min(times, key=times.get) if times else None
+        for name, seconds in results.items():
+          cells = [length, head_dim, "hopper forward", f"`{name}`", "", "", ""]
+          if isinstance(seconds, str):
+            rows.append(cells + [seconds, ""])
+            continue
+          bold = "**" if name == fastest else ""
+          rows.append(cells + [f"{bold}{seconds * 1e3:.3f}{bold}",
+                               f"{forward_flops / seconds / 1e12:.1f}"])
+        yield head, rows
 
 
 def sweep_candidates(table_blocks, kernel, head_dim):
@@ -239,7 +271,8 @@ def sweep_candidates(table_blocks, kernel, head_dim):
 
 def time_kernels(args, block_sizes, kernel, q, k, v, dout):
   """Seconds of our forward (kernel 'forward') or of our backward alone, or why not."""
-  attention = functools.partial(flash_attention, causal=args.causal, block_sizes=block_sizes)
+  attention = functools.partial(flash_attention, causal=args.causal, block_sizes=block_sizes,
+                                hopper_forward=False)  # the Triton forward's own tiles
   try:
     if kernel == "forward":
       forward = jax.jit(attention)
@@ -264,7 +297,7 @@ def memory_rows(args, backend):
   for head_dim in args.head_dims:
     for length in args.lengths:
       shape = jax.ShapeDtypeStruct((args.batch, length, args.heads, head_dim), args.dtype)
-      ours = temp_bytes(impls["ours (pallas)"].attention, shape, shape, shape, shape) / 2**20
+      ours = temp_bytes(impls["ours"].attention, shape, shape, shape, shape) / 2**20
       xla = temp_bytes(impls["xla reference"].attention, shape, shape, shape, shape) / 2**20
       logits = args.batch * args.heads * length * length * 4 / 2**20
       rows.append([length, head_dim, f"{ours:.1f}", f"{xla:.1f}", f"{xla / ours:.0f}x",
