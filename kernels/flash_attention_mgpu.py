@@ -232,21 +232,15 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, k_smem, v_smem, lse_s
       slot_used = step >= c.max_concurrent_steps  # by step - max_concurrent_steps
       load = step < block_kv_steps
 
-      @pl.when(slot_used)
-      def _():
-        plgpu.barrier_wait(k_free.at[slot])
+      for gmem, smem, free, loaded in ((k_ref, k_smem, k_free, k_loaded),
+                                       (v_ref, v_smem, v_free, v_loaded)):  # K, then V
+        @pl.when(slot_used)
+        def _(free=free):
+          plgpu.barrier_wait(free.at[slot])
 
-      @pl.when(load)
-      def _():
-        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
-
-      @pl.when(slot_used)
-      def _():
-        plgpu.barrier_wait(v_free.at[slot])
-
-      @pl.when(load)
-      def _():
-        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
+        @pl.when(load)
+        def _(gmem=gmem, smem=smem, loaded=loaded):
+          plgpu.copy_gmem_to_smem(gmem.at[keys], smem.at[slot], loaded.at[slot])
 
 
 def _kv_steps(config, rows_end):
