@@ -46,8 +46,9 @@ BANDWIDTH_BYTES = 512 * 2**20
 
 def memory_bandwidth(repeats: int) -> float:
   """Bytes/s of a jitted `a + 1` over an int32 array (read + written): the device's streaming
-  bandwidth. An increment rather than a copy, which XLA may turn into no work at all."""
-  a = jnp.zeros(BANDWIDTH_BYTES // 4, jnp.int32)
+  bandwidth. An increment rather than a copy, which XLA may turn into no work at all; random
+  data, since a GPU may move zeros faster than real data."""
+  a = jax.random.randint(jax.random.key(1), (BANDWIDTH_BYTES // 4,), 0, 2**30, jnp.int32)
   increment = jax.jit(lambda a: a + 1)
   return 2 * BANDWIDTH_BYTES / median_seconds(lambda: increment(a), repeats)
 
