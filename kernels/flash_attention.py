@@ -32,10 +32,12 @@ are powers of two >= 16); on CPU they run with `interpret=True` (the tests). Mos
 not tile that layout, so on TPU the dispatch runs the kernels of flash_attention_tpu.py instead:
 the same algorithm on head-major [batch, heads, length, head_dim] views with 2-D (8, 128)-tiled
 blocks (block lengths >= 128, short inputs padded to 128) and VMEM accumulators. On a Hopper GPU
-the forward of bfloat16 or float16 attention, causal or full, without segment ids or a window,
-at head_dim 64 or 128 and padded lengths that its tiles divide (128), runs
-flash_attention_mgpu.py's kernel instead (Mosaic GPU: TMA, wgmma, warp specialisation); its out
-and lse feed the backward kernels here unchanged. `hopper_forward` forces either choice.
+bfloat16 or float16 attention, causal or full, without segment ids or a window, at head_dim 64
+or 128 and padded lengths that the tiles divide (128), runs the Mosaic GPU kernels instead (TMA,
+wgmma, warp specialisation): the forward of flash_attention_mgpu.py and the backward of
+flash_attention_mgpu_backward.py. Every forward saves the same residuals (out and the natural-log
+lse), so either forward pairs with either backward: `hopper_forward` and `hopper_backward` force
+each choice.
 
 Precision: float32 inputs are multiplied at the backend's default precision for float32 dots,
 that of `jnp.dot` without `precision=` and of XLA's and cuDNN's attention: TF32 on NVIDIA GPUs
@@ -613,7 +615,7 @@ def _kernels(spec):
     from llm_research.kernels import flash_attention_tpu  # imports this module
     return flash_attention_tpu.forward, flash_attention_tpu.backward
   if spec.hopper:
-    return _hopper_forward, _backward
+    return _hopper_forward, _hopper_backward
   return _forward, _backward
 
 
@@ -626,13 +628,24 @@ def _hopper_forward(q, k, v, segments, spec):
                                       kv_len=spec.kv_len, interpret=spec.interpret)
 
 
+def _hopper_backward(q, k, v, segments, out, lse, dout, dq_spec, dkv_spec):
+  """flash_attention_mgpu_backward's kernels with their default tiles on the padded inputs ->
+  (dq, dk, dv); the padded query rows' dout is zero (the output is sliced), so they add nothing
+  to dk and dv. `_hopper_applies` chose them, so there are no segments."""
+  from llm_research.kernels import flash_attention_mgpu_backward
+  del segments, dkv_spec  # the kernels have their own tiles
+  return flash_attention_mgpu_backward.backward(
+      q, k, v, out, dout, lse, causal=dq_spec.causal, scale=dq_spec.scale,
+      kv_len=dq_spec.kv_len, interpret=dq_spec.interpret)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 
 
 def flash_attention(query, key, value, *, causal=False, segment_ids=None,
                     local_window_size=None, scale=None, block_sizes=None, interpret=None,
-                    hopper_forward=None):
+                    hopper_forward=None, hopper_backward=None):
   """Memory-efficient softmax attention, a drop-in for `jax.nn.dot_product_attention`.
 
   Args:
@@ -652,6 +665,8 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
       where it does not apply; with interpret=True, its Mosaic GPU interpreter), never (False),
       or where it applies (None: a Hopper GPU, not interpreting, and the module docstring's
       conditions). `block_sizes.forward` then does not apply: that kernel has its own tiles.
+    hopper_backward: the same for the backward (flash_attention_mgpu_backward.py), in place of
+      the dq and dk/dv kernels and their `block_sizes`.
 
   Returns [batch, q_len, heads, head_dim] in query's dtype; float32 accumulation throughout.
   Float32 inputs are multiplied at the backend's default dot precision: TF32 on NVIDIA GPUs
@@ -681,9 +696,13 @@ def flash_attention(query, key, value, *, causal=False, segment_ids=None,
             segmented=segment_ids is not None, groups=heads // kv_heads, tpu=backend == "tpu",
             interpret=interpret, compiler_params=_compiler_params(backend, blocks, interpret))
       for blocks in kernels)
-  if _hopper_forward_applies(hopper_forward, backend, interpret, query, segment_ids,
-                             local_window_size, q_pad, kv_pad):
+  hopper = functools.partial(_hopper_applies, backend=backend, interpret=interpret, query=query,
+                             segment_ids=segment_ids, local_window_size=local_window_size,
+                             q_pad=q_pad, kv_pad=kv_pad)
+  if hopper("hopper_forward", hopper_forward):
     fwd_spec = dataclasses.replace(fwd_spec, hopper=True)
+  if hopper("hopper_backward", hopper_backward):
+    dq_spec = dataclasses.replace(dq_spec, hopper=True)  # _flash_bwd's kernels follow dq_spec
   segments = None
   if segment_ids is not None:
     q_seg, kv_seg = _split_segment_ids(segment_ids)
@@ -712,17 +731,18 @@ def _split_segment_ids(segment_ids):
   return segment_ids, segment_ids
 
 
-def _hopper_forward_applies(hopper_forward, backend, interpret, query, segment_ids,
-                            local_window_size, q_pad, kv_pad) -> bool:
-  """Whether the forward runs flash_attention_mgpu's kernel (`hopper_forward` in
-  flash_attention); raises where hopper_forward=True asks for it and it does not apply."""
-  if hopper_forward is False:
+def _hopper_applies(name, choice, *, backend, interpret, query, segment_ids, local_window_size,
+                    q_pad, kv_pad) -> bool:
+  """Whether a pass runs its Hopper kernels (`hopper_forward` or `hopper_backward`, `name`, in
+  flash_attention, given as `choice`); raises where choice=True asks for them and they do not
+  apply. The backward's default tiles take what the forward's do (a test checks it)."""
+  if choice is False:
     return False
   from llm_research.kernels import flash_attention_mgpu
   on_hopper = backend == "gpu" and flash_attention_mgpu.hopper_available()
   reasons = []
   # Chosen by default only compiled on a Hopper; asked for, it may run interpreted anywhere.
-  if not (on_hopper and not interpret if hopper_forward is None else on_hopper or interpret):
+  if not (on_hopper and not interpret if choice is None else on_hopper or interpret):
     reasons.append("it runs on a Hopper GPU (compute capability 9.0), or in interpret mode")
   if segment_ids is not None or local_window_size is not None:
     reasons.append("it takes no segment_ids and no local_window_size")
@@ -732,8 +752,8 @@ def _hopper_forward_applies(hopper_forward, backend, interpret, query, segment_i
                    f"head_dim {flash_attention_mgpu.SUPPORTED_HEAD_DIMS} and lengths padded "
                    f"to multiples of its tiles, got {query.dtype.name}, head_dim "
                    f"{query.shape[3]}, lengths padded to {q_pad} and {kv_pad}")
-  if hopper_forward and reasons:
-    raise ValueError("hopper_forward=True, but " + "; ".join(reasons))
+  if choice and reasons:
+    raise ValueError(f"{name}=True, but " + "; ".join(reasons))
   return not reasons
 
 

@@ -76,8 +76,8 @@ PYTEST=(env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -P -m pytest -n 8 -q -p 
         -rfE --durations=10)
 
 run_tests() {
-  local kernels=(tests/test_flash_attention.py tests/test_bitnet.py)
-  [ -f tests/test_flash_attention_mgpu.py ] && kernels+=(tests/test_flash_attention_mgpu.py)
+  local kernels=(tests/test_flash_attention.py tests/test_flash_attention_mgpu.py
+                 tests/test_flash_attention_mgpu_backward.py tests/test_bitnet.py)
   stage tests_kernels 120 "${PYTEST[@]}" "${kernels[@]}" --junitxml="$OUT/tests_kernels.xml"
   local deselect=()
   for f in "${kernels[@]}" tests/test_notebooks.py; do deselect+=(--ignore="$f"); done

@@ -166,14 +166,18 @@ def test_takes_with_default_tiles_is_what_forward_takes(dtype, head_dim, q_len, 
       lower()
 
 
-# ---- through flash_attention's dispatch: this forward, the Triton-layout backward ------------
+# ---- through flash_attention's dispatch: either forward with either backward -----------------
 
 
 @needs_hopper_on_gpu
-def test_dispatch_pairs_it_with_the_triton_backward():
-  """hopper_forward=True: this kernel's out and lse feed flash_attention.py's dq and dk/dv
-  kernels (interpreted on CPU, compiled on a Hopper): output and gradients equal the reference
-  at lengths the dispatch pads (200 -> 256, the padded keys masked by kv_len)."""
+@pytest.mark.parametrize("hopper_forward, hopper_backward", [
+    (True, False), (False, True), (True, True)])
+def test_dispatch_pairs_either_forward_with_either_backward(hopper_forward, hopper_backward):
+  """The Hopper forward's out and lse feed the Triton-layout dq and dk/dv kernels, the Triton
+  forward's feed the Hopper backward (flash_attention_mgpu_backward), and the Hopper kernels
+  each other (interpreted on CPU, compiled on a Hopper): output and gradients equal the
+  reference at lengths the dispatch pads (200 -> 256, the padded keys masked by kv_len, the
+  padded query rows' dout zero)."""
   query, key, value = _inputs(2, 1, 200, 200, 2, 1, 64, jnp.bfloat16)
   dout = jax.random.normal(jax.random.key(3), query.shape, jnp.bfloat16)
 
@@ -181,8 +185,8 @@ def test_dispatch_pairs_it_with_the_triton_backward():
     out, vjp = jax.vjp(functools.partial(attention, causal=True), *inputs)
     return (out, *vjp(dout.astype(out.dtype)))
 
-  got = output_and_grads(functools.partial(flash_attention, hopper_forward=True),
-                         query, key, value)
+  got = output_and_grads(functools.partial(flash_attention, hopper_forward=hopper_forward,
+                                           hopper_backward=hopper_backward), query, key, value)
   with jax.default_matmul_precision("highest"):
     expected = output_and_grads(flash_attention_reference,
                                 *(x.astype(jnp.float32) for x in (query, key, value)))
@@ -193,9 +197,9 @@ def test_dispatch_pairs_it_with_the_triton_backward():
 
 
 def test_dispatch_lowers_it_on_a_hopper_where_it_applies(monkeypatch):
-  """On a Hopper (posed: backend and device check patched) flash_attention's forward lowers to
-  this kernel and its backward to the two Triton kernels; with segment ids, or
-  hopper_forward=False, the forward stays Triton."""
+  """On a Hopper (posed: backend and device check patched) flash_attention lowers to this
+  forward and flash_attention_mgpu_backward's two kernels; hopper_forward=False or
+  hopper_backward=False keeps that pass on Triton, and with segment ids all three stay Triton."""
   from jax import export
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(flash_attention_mgpu, "hopper_available", lambda: True)
@@ -216,8 +220,9 @@ def test_dispatch_lowers_it_on_a_hopper_where_it_applies(monkeypatch):
                            disabled_checks=checks)(*args).mlir_module()
     return module.count("@mosaic_gpu"), module.count("__gpu$xla.gpu.triton")
 
-  assert lowered() == (1, 2)
-  assert lowered(hopper_forward=False) == (0, 3)
+  assert lowered() == (3, 0)  # (Mosaic GPU kernels, Triton kernels)
+  assert lowered(hopper_backward=False) == (1, 2)
+  assert lowered(hopper_forward=False) == (2, 1)
   assert lowered(case="segmented") == (0, 3)
 
 
@@ -226,6 +231,8 @@ def test_dispatch_lowers_it_on_a_hopper_where_it_applies(monkeypatch):
     (dict(local_window_size=64), "no local_window_size"),
     (dict(interpret=False), "Hopper GPU"),
     (dict(dtype=jnp.float32), "float32"),
+    (dict(hopper_forward=None, hopper_backward=True, local_window_size=64),
+     "hopper_backward=True, but it takes no segment_ids and no local_window_size"),
 ])
 def test_dispatch_says_why_it_cannot_take_it(kwargs, message):
   kwargs = dict(kwargs)  # the parameter is shared between runs
@@ -233,4 +240,4 @@ def test_dispatch_says_why_it_cannot_take_it(kwargs, message):
   if ON_GPU and "interpret" in kwargs:
     pytest.skip("a GPU, Hopper or not, is a device this kernel may run on compiled")
   with pytest.raises(ValueError, match=message):
-    flash_attention(query, key, value, causal=True, hopper_forward=True, **kwargs)
+    flash_attention(query, key, value, causal=True, **{"hopper_forward": True, **kwargs})
