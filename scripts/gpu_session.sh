@@ -19,9 +19,9 @@
 #                         GPU (no interpret mode), then the rest of the suite but the slow marks
 #                         and the notebooks (CPU notebooks)
 #   attention        180  attention.md, attention_long.md: the tables (2k and 8k at batch
-#                         4 x 16 heads, 16k and 32k at batch 1), ours (Hopper forward where it
-#                         applies, and the Triton one) against cuDNN, JAX's Pallas Triton and
-#                         Mosaic GPU attention, tokamax
+#                         4 x 16 heads, 16k and 32k at batch 1), ours (the Hopper kernels where
+#                         they apply, with the Triton backward, the Triton kernels alone) against
+#                         cuDNN, JAX's Pallas Triton and Mosaic GPU attention, tokamax
 #   ternary           90  ternary.md: the decode sweep (rows 1, 16), then every path against a
 #                         bf16 dot at 1..4096 rows, and GB/s against the card's measured bandwidth
 #   train            250  train.md (and train_trace/): the 350m preset's MFU, cudnn and pallas

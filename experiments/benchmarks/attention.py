@@ -11,8 +11,9 @@ a time limit keeps the rows it finished.
 speed (GPU, TPU): forward and forward+backward TFLOP/s, median of `--steps` after a warm-up
 call (wall time around device-synchronised calls, so launch overhead counts), and each peer's
 speed relative to ours (> 1: faster than ours). "ours" is the dispatch: on a Hopper GPU its
-forward is flash_attention_mgpu.py's where that applies; "ours, triton forward" (GPU) times the
-Triton-layout forward instead, the backward being the same. FLOPs: forward
+forward and backward are the Mosaic GPU kernels (flash_attention_mgpu*.py) where they apply;
+on GPU "ours, triton backward" pairs that forward with the Triton-layout backward and "ours,
+triton" runs the Triton-layout kernels alone. FLOPs: forward
 4 * batch * heads * q_len * kv_len * head_dim (two matmuls), backward 2.5x the forward (five
 matmuls), causal counted at half. Peers: the XLA reference (the jnp reference, which
 materialises the logits); on GPU `jax.nn.dot_product_attention(implementation='cudnn')`, JAX's
@@ -112,8 +113,10 @@ def peers(backend, causal):
   so that a missing one fails in its own cells."""
   impls = {"ours": Peer(functools.partial(flash_attention, causal=causal))}
   if backend == "gpu":
-    impls["ours, triton forward"] = Peer(functools.partial(flash_attention, causal=causal,
-                                                           hopper_forward=False))
+    impls["ours, triton backward"] = Peer(functools.partial(flash_attention, causal=causal,
+                                                            hopper_backward=False))
+    impls["ours, triton"] = Peer(functools.partial(flash_attention, causal=causal,
+                                                   hopper_forward=False, hopper_backward=False))
     impls["cudnn"] = Peer(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                             implementation="cudnn"))
     impls["jax pallas triton (mha)"] = Peer(functools.partial(jax_pallas_mha, causal=causal))
@@ -272,7 +275,7 @@ def sweep_candidates(table_blocks, kernel, head_dim):
 def time_kernels(args, block_sizes, kernel, q, k, v, dout):
   """Seconds of our forward (kernel 'forward') or of our backward alone, or why not."""
   attention = functools.partial(flash_attention, causal=args.causal, block_sizes=block_sizes,
-                                hopper_forward=False)  # the Triton forward's own tiles
+                                hopper_forward=False, hopper_backward=False)  # Triton's tiles
   try:
     if kernel == "forward":
       forward = jax.jit(attention)
