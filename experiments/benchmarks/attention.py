@@ -30,10 +30,11 @@ candidates; the backward alone (the vjp of a forward already run) for dq's and d
 other backward kernel at its BLOCK_SIZES["gpu"] entry, so that the two backward winners
 combine. The fastest of each kernel is marked and written out as an AttentionBlockSizes to
 copy into BLOCK_SIZES; with SWEEP_CANDIDATES, at most 13 configurations (compiles) per
-(length, head_dim). On a Hopper it then times the Mosaic GPU forward (flash_attention_mgpu)
-over HOPPER_CANDIDATES, its defaults first, for flash_attention_mgpu's DEFAULT_* constants
-(lengths must be multiples of 128). On CPU the grid runs in interpret mode (the Hopper
-forward is left out there): a check of the script, not a timing.
+(length, head_dim). On a Hopper it then times the Mosaic GPU kernels over HOPPER_CANDIDATES,
+their defaults first: the forward (flash_attention_mgpu) and the backward alone
+(flash_attention_mgpu_backward on the forward's residuals), for their DEFAULT_* constants
+(lengths must be multiples of 128). On CPU the grid runs in interpret mode (the Hopper kernels
+are left out there): a check of the script, not a timing.
 
 memory (the default on CPU, where the kernel runs in interpret mode and is too slow to time):
 the jitted forward+backward of ours and of the XLA reference are compiled, not run, and XLA's
@@ -57,7 +58,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from llm_research.kernels import flash_attention_mgpu
+from llm_research.kernels import flash_attention_mgpu, flash_attention_mgpu_backward
 from llm_research.kernels.flash_attention import (BLOCK_SIZES, AttentionBlockSizes, KernelBlocks,
                                                   flash_attention, flash_attention_reference)
 from llm_research.metrics import median_seconds
@@ -83,14 +84,19 @@ SWEEP_CANDIDATES = {
             KernelBlocks(64, 128, num_warps=8, num_stages=2),
             KernelBlocks(64, 64, num_warps=8, num_stages=2)],
 }
-# --sweep's variants of the Hopper forward (flash_attention_mgpu.forward's keyword arguments),
-# after its defaults (2 compute warpgroups of 64 rows, ping-pong, 128-key blocks, 2 slots):
-# the fallbacks if ping-pong or the second warpgroup misbehave, and deeper rings of smaller
-# kv blocks (the shared memory check refuses what does not fit, in its cell).
-HOPPER_CANDIDATES = [{}, {"ping_pong": False}, {"num_compute_warpgroups": 1},
-                     {"block_kv": 64, "max_concurrent_steps": 3},
-                     {"block_kv": 64, "max_concurrent_steps": 4},
-                     {"block_kv": 128, "max_concurrent_steps": 3}]
+# --sweep's variants of the Hopper kernels (the keyword arguments of flash_attention_mgpu.forward
+# and flash_attention_mgpu_backward.backward), after their defaults (forward: 2 compute
+# warpgroups of 64 rows, ping-pong, 128-key blocks, 2 slots; backward: 2 warpgroups, 64 x 64
+# tiles, 2 slots): the fallbacks if ping-pong or the second warpgroup misbehave, and deeper
+# rings of smaller blocks (the shared-memory check refuses what does not fit, in its cell).
+HOPPER_CANDIDATES = {
+    "hopper forward": [{}, {"ping_pong": False}, {"num_compute_warpgroups": 1},
+                       {"block_kv": 64, "max_concurrent_steps": 3},
+                       {"block_kv": 64, "max_concurrent_steps": 4},
+                       {"block_kv": 128, "max_concurrent_steps": 3}],
+    "hopper backward": [{}, {"num_compute_warpgroups": 1}, {"max_concurrent_steps": 3},
+                        {"block_q": 128}, {"block_kv": 128, "num_compute_warpgroups": 1}],
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,22 +251,22 @@ def sweep_rows(args, backend):
       rows.append([length, head_dim, "best", f"`{best}`", "", "", "", "", ""])
       yield head, rows
       if backend == "gpu" and flash_attention_mgpu.hopper_available():
-        results = {}  # variant -> seconds or why not
-        for variant in HOPPER_CANDIDATES:
-          forward = jax.jit(lambda q, k, v, variant=variant: flash_attention_mgpu.forward(
-              q, k, v, causal=args.causal, **variant)[0])
-          results[str(variant or "defaults")] = timed(lambda: forward(q, k, v), args.steps)
-        times = {name: s for name, s in results.items() if isinstance(s, float)}
-        fastest = min(times, key=times.get) if times else None
-        for name, seconds in results.items():
-          cells = [length, head_dim, "hopper forward", f"`{name}`", "", "", ""]
-          if isinstance(seconds, str):
-            rows.append(cells + [seconds, ""])
-            continue
-          bold = "**" if name == fastest else ""
-          rows.append(cells + [f"{bold}{seconds * 1e3:.3f}{bold}",
-                               f"{forward_flops / seconds / 1e12:.1f}"])
-        yield head, rows
+        for kernel in HOPPER_CANDIDATES:
+          results = {str(variant or "defaults"): time_hopper_kernel(args, kernel, variant, q, k,
+                                                                    v, dout)
+                     for variant in HOPPER_CANDIDATES[kernel]}
+          times = {name: s for name, s in results.items() if isinstance(s, float)}
+          fastest = min(times, key=times.get) if times else None
+          for name, seconds in results.items():
+            cells = [length, head_dim, kernel, f"`{name}`", "", "", ""]
+            if isinstance(seconds, str):
+              rows.append(cells + [seconds, ""])
+              continue
+            bold = "**" if name == fastest else ""
+            work = forward_flops * (1.0 if kernel == "hopper forward" else 2.5)
+            rows.append(cells + [f"{bold}{seconds * 1e3:.3f}{bold}",
+                                 f"{work / seconds / 1e12:.1f}"])
+          yield head, rows
 
 
 def sweep_candidates(table_blocks, kernel, head_dim):
@@ -283,6 +289,23 @@ def time_kernels(args, block_sizes, kernel, q, k, v, dout):
     _, vjp = jax.vjp(attention, q, k, v)  # the forward runs here, once
     backward = jax.jit(lambda vjp, dout: vjp(dout))
     return median_seconds(lambda: backward(vjp, dout), args.steps)
+  except Exception as e:  # e.g. tiles beyond shared memory: say so, keep sweeping
+    return why(e)
+
+
+def time_hopper_kernel(args, kernel, variant, q, k, v, dout):
+  """Seconds of the Hopper forward, or of the Hopper backward alone on the default forward's
+  residuals, with `variant`'s keyword arguments; or why not."""
+  try:
+    if kernel == "hopper forward":
+      forward = jax.jit(lambda q, k, v: flash_attention_mgpu.forward(
+          q, k, v, causal=args.causal, **variant))
+      return median_seconds(lambda: forward(q, k, v), args.steps)
+    out, lse = jax.jit(functools.partial(flash_attention_mgpu.forward, causal=args.causal))(
+        q, k, v)
+    backward = jax.jit(lambda q, k, v, out, dout, lse: flash_attention_mgpu_backward.backward(
+        q, k, v, out, dout, lse, causal=args.causal, **variant))
+    return median_seconds(lambda: backward(q, k, v, out, dout, lse), args.steps)
   except Exception as e:  # e.g. tiles beyond shared memory: say so, keep sweeping
     return why(e)
 
