@@ -135,10 +135,7 @@ def forward(query, key, value, *, causal=False, scale=None, kv_len=None,
          num_compute_warpgroups)
   _check_smem(query.dtype, head_dim, block_q, block_kv, max_concurrent_steps,
               num_compute_warpgroups)
-  if interpret is True:
-    # A private module (JAX exports no name for it yet), imported only when interpreting.
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    interpret = InterpretGPUParams()
+  interpret = interpret_params(interpret)
   config = _Config(
       block_q=block_q, block_kv=block_kv, max_concurrent_steps=max_concurrent_steps,
       num_compute_warpgroups=num_compute_warpgroups, kv_len=kv_len,
@@ -158,6 +155,16 @@ def forward(query, key, value, *, causal=False, scale=None, kv_len=None,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret or None,
   )(query, key, value)
+
+
+def interpret_params(interpret):
+  """`interpret` as plgpu.kernel takes it: True becomes the default InterpretGPUParams (from a
+  private module, JAX exports no name for it yet, imported only when interpreting); False, None
+  or an InterpretGPUParams stay as they are."""
+  if interpret is not True:
+    return interpret
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  return InterpretGPUParams()
 
 
 def takes_with_default_tiles(dtype, head_dim, q_len, kv_pad) -> bool:

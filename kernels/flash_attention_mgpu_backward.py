@@ -121,10 +121,7 @@ def backward(query, key, value, out, dout, lse, *, causal=False, scale=None, kv_
   _check_residuals(query, key, out, dout, lse, block_kv, num_compute_warpgroups)
   _check_smem(query.dtype, head_dim, block_q, block_kv, max_concurrent_steps,
               num_compute_warpgroups)
-  if interpret is True:
-    # A private module (JAX exports no name for it yet), imported only when interpreting.
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    interpret = InterpretGPUParams()
+  interpret = fwd.interpret_params(interpret)
   c = _Config(
       block_q=block_q, block_kv=block_kv, max_concurrent_steps=max_concurrent_steps,
       num_compute_warpgroups=num_compute_warpgroups, q_blocks=q_len // block_q, kv_len=kv_len,
