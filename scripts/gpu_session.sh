@@ -76,8 +76,9 @@ PYTEST=(env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -P -m pytest -n 8 -q -p 
         -rfE --durations=10)
 
 run_tests() {
-  local kernels=(tests/test_flash_attention.py tests/test_flash_attention_mgpu.py
-                 tests/test_flash_attention_mgpu_backward.py tests/test_bitnet.py)
+  # Never run on a GPU before first (xdist hands tests out in this order): the Hopper kernels.
+  local kernels=(tests/test_flash_attention_mgpu.py tests/test_flash_attention_mgpu_backward.py
+                 tests/test_flash_attention.py tests/test_bitnet.py)
   stage tests_kernels 120 "${PYTEST[@]}" "${kernels[@]}" --junitxml="$OUT/tests_kernels.xml"
   local deselect=()
   for f in "${kernels[@]}" tests/test_notebooks.py; do deselect+=(--ignore="$f"); done
