@@ -12,7 +12,8 @@ backward pass (also Pallas) recomputes the probabilities block by block from tha
 one kernel for dq (grid over query blocks), one for dk/dv (grid over kv blocks and kv heads,
 looping over the query heads of the group). Memory is linear in length. Each of the three
 kernels has its own tiles and, on GPU, Triton warps and stages (`AttentionBlockSizes`, the
-table `BLOCK_SIZES`): dq holds a long query block and walks short kv blocks, dk/dv the reverse.
+table `BLOCK_SIZES`): dq holds a long query block and walks short kv blocks; dk/dv has the
+square tiles that compiled without register spills.
 
 Lengths need not be multiples of the block sizes: the dispatch pads to whole blocks and the
 kernels mask the padded keys. Rows with nothing to attend to give zeros, never NaN.
@@ -112,22 +113,28 @@ def _same_blocks(block: int) -> AttentionBlockSizes:
 
 # backend -> head_dim -> AttentionBlockSizes.
 # GPU: forward tiles as in FlashAttention-2's Triton kernels (measured on an H200 at 240-263
-# TFLOP/s causal bf16); backward tiles shaped as in Triton's fused-attention tutorial, dq a long
-# query block over short kv blocks, dk/dv the transpose; head_dim 256 halves them. None of it is
-# tuned: `experiments/benchmarks/attention.py --sweep` times candidates on a GPU.
+# TFLOP/s causal bf16); dq a long query block over short kv blocks, as in Triton's fused-attention
+# tutorial. dk/dv: the tiles that compile without register spills. Each kernel's Triton IR
+# (lowered here for CUDA, causal bf16) compiled for sm_90a by the standalone Triton 3.9 and its
+# ptxas, 2026-11-27, no GPU: the tutorial's 32 x 128 dk/dv tile spilled at head_dim 64 and 128
+# (648-700 bytes, 255 registers, part mma.sync instead of wgmma), 64 x 128 too (212-1968); 64 x 64
+# with 8 warps did not (164 and 244 registers, wgmma only). At head_dim 256 only 32 x 32 with 8
+# warps of those tried (32 x 64, 64 x 32; 4 warps) compiled without spills (246 registers). The
+# forward and dq entries compiled without spills. XLA's own Triton may compile differently, and
+# nothing here is timed: `experiments/benchmarks/attention.py --sweep` times candidates on a GPU.
 # TPU: 128 everywhere, Mosaic's lane width; untuned (larger q blocks are likely faster).
 # CPU (interpret mode): big tiles, since interpret cost grows with the number of tile steps.
 BLOCK_SIZES = {
     "gpu": {
         64: AttentionBlockSizes(forward=KernelBlocks(128, 64, num_warps=4),
                                 dq=KernelBlocks(128, 32, num_warps=4),
-                                dkv=KernelBlocks(32, 128, num_warps=4)),
+                                dkv=KernelBlocks(64, 64, num_warps=8)),
         128: AttentionBlockSizes(forward=KernelBlocks(128, 64, num_warps=8),
                                  dq=KernelBlocks(128, 32, num_warps=8),
-                                 dkv=KernelBlocks(32, 128, num_warps=8)),
+                                 dkv=KernelBlocks(64, 64, num_warps=8)),
         256: AttentionBlockSizes(forward=KernelBlocks(64, 32, num_warps=8),
                                  dq=KernelBlocks(64, 32, num_warps=8),
-                                 dkv=KernelBlocks(32, 64, num_warps=8)),
+                                 dkv=KernelBlocks(32, 32, num_warps=8)),
     },
     "tpu": {d: _same_blocks(128) for d in SUPPORTED_HEAD_DIMS},
     "cpu": {d: _same_blocks(128) for d in SUPPORTED_HEAD_DIMS},

@@ -68,8 +68,9 @@ from report import header  # noqa: E402  (experiments/report.py, beside experime
 
 # --sweep's candidates per kernel for head_dim <= 128 (head_dim 256 halves the tiles), each
 # timed beside the table's own entry: deeper pipelines (5 stages: Triton's fused-attention
-# tutorial's backward), longer walked blocks, more warps, and for the backward the tiles that
-# both its kernels had before they were split (64 x 64, 8 warps, 2 stages at head_dim 128).
+# tutorial's backward), longer walked blocks, more warps; for dq the tiles both backward kernels
+# had before they were split (64 x 64, 8 warps, 2 stages at head_dim 128); for dk/dv the
+# tutorial's tiles, which spilled registers when compiled off-GPU (BLOCK_SIZES' comment).
 # Small on purpose: a compile is ~1-2 s, and two lengths x two head_dims of forward and
 # backward must fit in about two minutes on an H100.
 SWEEP_CANDIDATES = {
@@ -82,7 +83,7 @@ SWEEP_CANDIDATES = {
            KernelBlocks(64, 64, num_warps=8, num_stages=2)],
     "dkv": [KernelBlocks(32, 128, num_warps=4, num_stages=5),
             KernelBlocks(64, 128, num_warps=8, num_stages=2),
-            KernelBlocks(64, 64, num_warps=8, num_stages=2)],
+            KernelBlocks(64, 64, num_warps=8, num_stages=3)],
 }
 # --sweep's variants of the Hopper kernels (the keyword arguments of flash_attention_mgpu.forward
 # and flash_attention_mgpu_backward.backward), after their defaults (forward: 2 compute
