@@ -381,8 +381,13 @@ def _matmul(c, a, b_smem, *, transpose_b, while_running=lambda: None):
   if c.interpret:
     while_running()
     a = a if isinstance(a, jax.Array) else a[...]
+    b = b_smem[...]
+    # These ordinary SMEM reads stand in for the wgmma's, which go through the async proxy like
+    # the TMA writes that later refill the slot: a proxy fence orders them as the GPU's would be
+    # (jax 0.11's interpreter tracks the two proxies apart).
+    plgpu.commit_smem()
     contract_b = 1 if transpose_b else 0
-    return lax.dot_general(a, b_smem[...], (((1,), (contract_b,)), ((), ())),
+    return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
                            preferred_element_type=jnp.float32)
   b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem
   shape = (a.shape[0], b.shape[1])

@@ -81,13 +81,16 @@ def race_detectors(monkeypatch):
   only the last call's (`get_races()`), and `backward` makes two, dk/dv then dq; recording
   each as it is made lets a test check both."""
   detectors = []
+  # jax 0.11 renamed the class (0.10: RaceDetectionState).
+  name = next(n for n in ("GPURaceDetectionState", "RaceDetectionState")
+              if hasattr(gpu_callbacks, n))
 
-  class Recorded(gpu_callbacks.RaceDetectionState):
+  class Recorded(getattr(gpu_callbacks, name)):
     def __init__(self, *args, **kwargs):
       super().__init__(*args, **kwargs)
       detectors.append(self)
 
-  monkeypatch.setattr(gpu_callbacks, "RaceDetectionState", Recorded)
+  monkeypatch.setattr(gpu_callbacks, name, Recorded)
   return detectors
 
 
