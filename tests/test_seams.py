@@ -17,7 +17,6 @@ import pytest
 
 from llm_research import decode, sample, train
 from llm_research.data import ByteTokenizer
-from llm_research.kernels.flash_attention import flash_attention
 from llm_research.metrics import read_metrics
 from llm_research.models import Transformer, TransformerConfig, registry
 from llm_research.models.linear import Linear, LoRA
