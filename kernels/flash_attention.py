@@ -31,11 +31,12 @@ Backends: the kernels in this file follow Triton's layout ([length, groups, head
 the query heads of one kv head, 1-D row vectors): on GPU they lower through Triton (block shapes
 are powers of two >= 16); on CPU they run with `interpret=True` (the tests). Mosaic (TPU) does
 not tile that layout, so on TPU the dispatch runs the kernels of flash_attention_tpu.py instead:
-the same algorithm on head-major [batch, heads, length, head_dim] views with 2-D (8, 128)-tiled
-blocks (block lengths >= 128, short inputs padded to 128) and VMEM accumulators. On a Hopper GPU
-bfloat16 or float16 attention, causal or full, without segment ids or a window, at head_dim 64
-or 128 and padded lengths that the tiles divide (128), runs the Mosaic GPU kernels instead (TMA,
-wgmma, warp specialisation): the forward of flash_attention_mgpu.py and the backward of
+the same algorithm, masks and block ranges (tiling.py holds what the two share) on head-major
+[batch, heads, length, head_dim] views with 2-D (8, 128)-tiled blocks (block lengths >= 128,
+short inputs padded to 128) and VMEM accumulators. On a Hopper GPU bfloat16 or float16
+attention, causal or full, without segment ids or a window, at head_dim 64 or 128 and padded
+lengths that the tiles divide (128), runs the Mosaic GPU kernels instead (TMA, wgmma, warp
+specialisation): the forward of flash_attention_mgpu.py and the backward of
 flash_attention_mgpu_backward.py. Every forward saves the same residuals (out and the natural-log
 lse), so either forward pairs with either backward: `hopper_forward` and `hopper_backward` force
 each choice.
@@ -56,7 +57,6 @@ pass from re-running the forward kernel; one that does not re-runs it.
 """
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +68,7 @@ from llm_research.kernels import tiling
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-# The logit of a masked key, here and in the TPU kernels: finite (a fully masked row has
-# max == MASKED_LOGIT, and MASKED_LOGIT - MASKED_LOGIT == 0, never inf - inf), below any real
-# logit, and far enough from the float32 limit to be added to.
-MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 FLASH_RESIDUAL_NAMES = ("flash_attention_out", "flash_attention_lse")
-LOG2_E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +161,7 @@ class _Spec:
     """The logit scale times log2(e): the Triton-layout kernels keep logits, running maxima and
     the log-sum-exp in base-2 units and exponentiate with exp2, one instruction on a GPU where
     exp is a multiply and an exp2."""
-    return self.scale * LOG2_E
+    return self.scale * tiling.LOG2_E
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +209,7 @@ def _masked_softmax(logits, mask, dtype):
 
 
 def _masked_softmax_fwd(logits, mask, dtype):
-  logits = jnp.where(mask, logits, MASKED_LOGIT)
+  logits = jnp.where(mask, logits, tiling.MASKED_LOGIT)
   probs = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
   denom = probs.sum(-1, keepdims=True)
   probs = (probs / jnp.where(denom == 0, 1.0, denom)).astype(dtype)
@@ -236,8 +231,8 @@ def flash_attention_reference(query, key, value, *, causal=False, segment_ids=No
   masks. Materialises the [q_len, kv_len] logits: for tests and as the XLA peer in benchmarks.
   """
   q_len, kv_len = query.shape[1], key.shape[1]
-  mask = _mask(jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], causal,
-               _window(local_window_size), None)  # [q_len, kv_len], None: all visible
+  mask = tiling.attention_mask(jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], causal,
+                               _window(local_window_size), None)  # [q_len, kv_len] or None
   mask = True if mask is None else mask
   q_seg, kv_seg = _split_segment_ids(segment_ids)
   if q_seg is not None:
@@ -246,58 +241,14 @@ def flash_attention_reference(query, key, value, *, causal=False, segment_ids=No
 
 
 # ---------------------------------------------------------------------------------------------
-# Masks and block ranges (shared by the kernels and the reference)
-
-
-def _mask(q_idx, k_idx, causal, window, kv_len):
-  """Boolean [rows, cols] from positions q_idx [rows, 1], k_idx [1, cols]; None: all visible.
-
-  kv_len masks padded keys (None: no padding).
-  """
-  conditions = []
-  if kv_len is not None:
-    conditions.append(k_idx < kv_len)
-  if causal:
-    conditions.append(q_idx >= k_idx)
-  if window is not None:
-    left, right = window
-    conditions += [k_idx >= q_idx - left, k_idx <= q_idx + right]
-  if not conditions:
-    return None
-  return functools.reduce(jnp.logical_and, conditions)
-
-
-def _kv_block_range(spec, q_block):
-  """[lo, hi) of the kv blocks that query block `q_block` (traced) can see."""
-  hi_key = spec.kv_pad - 1  # last key a row of this block may see
-  first_q, last_q = q_block * spec.block_q, (q_block + 1) * spec.block_q - 1
-  if spec.causal:
-    hi_key = jnp.minimum(hi_key, last_q)
-  lo_key = 0
-  if spec.window is not None:
-    left, right = spec.window
-    hi_key = jnp.minimum(hi_key, last_q + right)
-    lo_key = jnp.maximum(0, first_q - left)
-  return _block_of(lo_key, spec.block_k), _block_of(hi_key, spec.block_k) + 1
-
-
-def _q_block_range(spec, kv_block):
-  """[lo, hi) of the query blocks that can see kv block `kv_block` (traced)."""
-  first_k, last_k = kv_block * spec.block_k, (kv_block + 1) * spec.block_k - 1
-  lo_q, hi_q = 0, spec.q_pad - 1
-  if spec.causal:
-    lo_q = jnp.maximum(lo_q, first_k)
-  if spec.window is not None:
-    left, right = spec.window
-    lo_q = jnp.maximum(lo_q, first_k - right)
-    hi_q = jnp.minimum(hi_q, last_k + left)
-  return _block_of(lo_q, spec.block_q), _block_of(hi_q, spec.block_q) + 1
+# Block runs and tile masks of the Triton-layout kernels (the masks and block ranges they build
+# on, shared with the TPU kernels and the reference, are in tiling.py)
 
 
 def _kv_block_runs(spec, q_block):
   """The kv blocks that query block `q_block` (traced) sees, as `_runs`: unmasked where every
   key of the block is visible to every row of the query block."""
-  lo, hi = _kv_block_range(spec, q_block)
+  lo, hi = tiling.kv_block_range(spec, q_block)
   first_q, last_q = q_block * spec.block_q, (q_block + 1) * spec.block_q - 1
   lowers, uppers = [], []  # keys >= each lower and < each upper are visible to every row
   if spec.kv_pad != spec.kv_len:
@@ -314,7 +265,7 @@ def _kv_block_runs(spec, q_block):
 def _q_block_runs(spec, kv_block):
   """The query blocks that see kv block `kv_block` (traced), as `_runs`: unmasked where every
   row of the query block sees every key of the kv block."""
-  lo, hi = _q_block_range(spec, kv_block)
+  lo, hi = tiling.q_block_range(spec, kv_block)
   first_k, last_k = kv_block * spec.block_k, (kv_block + 1) * spec.block_k - 1
   lowers, uppers = [], []  # rows >= each lower and < each upper see every key
   if spec.causal:
@@ -360,51 +311,24 @@ def _fold_runs(runs, step, carry):
   return carry
 
 
-def _block_of(index, block):
-  """Block holding `index` (clamped at 0); traced, so `lax.div`, not `//`."""
-  return lax.div(jnp.maximum(index, 0), block)
-
-
 def _block_mask(spec, q_start, k_start, rows, cols, q_seg=None, kv_seg=None):
   """The [rows, cols] mask of one tile (None: nothing masked)."""
   q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
   k_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
   kv_len = spec.kv_len if spec.kv_pad != spec.kv_len else None
-  mask = _mask(q_idx, k_idx, spec.causal, spec.window, kv_len)
+  mask = tiling.attention_mask(q_idx, k_idx, spec.causal, spec.window, kv_len)
   if spec.segmented:
     same = q_seg[:, None] == kv_seg[None, :]
     mask = same if mask is None else mask & same
   return mask
 
 
-def _dot_t(a, b):
-  """a [m, d] @ b[n, d]^T -> [m, n] in float32."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-  """a[m, n]^T @ b [m, d] -> [n, d] in float32."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-  return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # Forward kernel: grid (q_blocks, batch, heads)
 
 
-def _split_refs(refs, num_inputs: int, segmented: bool):
-  """A kernel's refs as (inputs, (q_seg_ref, kv_seg_ref), outputs and scratch): the two segment-id
-  refs follow the `num_inputs` inputs in a segmented call and are None otherwise."""
-  if not segmented:
-    return refs[:num_inputs], (None, None), refs[num_inputs:]
-  return refs[:num_inputs], refs[num_inputs:num_inputs + 2], refs[num_inputs + 2:]
-
-
 def _forward_kernel(*refs, spec):
-  (q_ref, k_ref, v_ref), (q_seg_ref, kv_seg_ref), (o_ref, lse_ref) = _split_refs(
+  (q_ref, k_ref, v_ref), (q_seg_ref, kv_seg_ref), (o_ref, lse_ref) = tiling.split_refs(
       refs, 3, spec.segmented)
   q_seg = q_seg_ref[...] if spec.segmented else None  # [block_q]
   # q_ref, o_ref: [block_q, head_dim]; k_ref, v_ref: [kv_pad, head_dim]; lse_ref: [block_q]
@@ -415,29 +339,29 @@ def _forward_kernel(*refs, spec):
   def step(kv_block, carry, masked):
     acc, m, l = carry  # [bq, head_dim], [bq], [bq] float32; m and logits in base-2 units
     keys = pl.ds(kv_block * bk, bk)
-    s = _dot_t(q, k_ref[keys, :]) * spec.scale_log2  # [bq, bk]
+    s = tiling.dot_t(q, k_ref[keys, :]) * spec.scale_log2  # [bq, bk]
     mask = None
     if masked:
       kv_seg = kv_seg_ref[keys] if spec.segmented else None
       mask = _block_mask(spec, q_block * bq, kv_block * bk, bq, bk, q_seg, kv_seg)
     if mask is not None:
-      s = jnp.where(mask, s, MASKED_LOGIT)
+      s = jnp.where(mask, s, tiling.MASKED_LOGIT)
     m_new = jnp.maximum(m, s.max(axis=1))
     p = jnp.exp2(s - m_new[:, None])
     if mask is not None:
       p = jnp.where(mask, p, 0.0)  # a row masked so far has m_new == MASKED_LOGIT, p == 1
     correction = jnp.exp2(m - m_new)
     v = v_ref[keys, :]
-    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+    acc = acc * correction[:, None] + tiling.dot(p.astype(v.dtype), v)
     return acc, m_new, l * correction + p.sum(axis=1)
 
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASKED_LOGIT, jnp.float32),
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), tiling.MASKED_LOGIT, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
   acc, m, l = _fold_runs(_kv_block_runs(spec, q_block), step, init)
   empty = l == 0.0  # rows with nothing to attend to: output 0, p == 0 in the backward
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
   # The residual is a natural log, as the TPU kernels' (m is in base-2 units): m ln 2 + ln l.
-  lse_ref[...] = jnp.where(empty, jnp.inf, m / LOG2_E + jnp.log(jnp.where(empty, 1.0, l)))
+  lse_ref[...] = jnp.where(empty, jnp.inf, m / tiling.LOG2_E + jnp.log(jnp.where(empty, 1.0, l)))
 
 
 def _forward(q, k, v, segments, spec):
@@ -471,7 +395,7 @@ def _forward(q, k, v, segments, spec):
 
 def _probs(spec, q, k, lse_log2, masked, q_start, k_start, q_seg, kv_seg):
   """Recomputed softmax tile [rows, cols] from the saved log-sum-exp, in base-2 units."""
-  p = jnp.exp2(_dot_t(q, k) * spec.scale_log2 - lse_log2[:, None])
+  p = jnp.exp2(tiling.dot_t(q, k) * spec.scale_log2 - lse_log2[:, None])
   if not masked:
     return p
   mask = _block_mask(spec, q_start, k_start, q.shape[0], k.shape[0], q_seg, kv_seg)
@@ -480,7 +404,7 @@ def _probs(spec, q, k, lse_log2, masked, q_start, k_start, q_seg, kv_seg):
 
 def _dq_kernel(*refs, spec):
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (q_seg_ref, kv_seg_ref), (dq_ref,) = \
-      _split_refs(refs, 6, spec.segmented)
+      tiling.split_refs(refs, 6, spec.segmented)
   q_seg = q_seg_ref[...] if spec.segmented else None
   # q_ref, do_ref, dq_ref: [block_q, d]; k_ref, v_ref: [kv_pad, d]; lse/delta_ref: [block_q]
   bq, bk = spec.block_q, spec.block_k
@@ -493,8 +417,8 @@ def _dq_kernel(*refs, spec):
     kv_seg = kv_seg_ref[keys] if spec.segmented else None
     p = _probs(spec, q, k, lse_log2, masked, q_block * bq, kv_block * bk, q_seg,
                kv_seg)  # [bq, bk]
-    ds = p * (_dot_t(do, v_ref[keys, :]) - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
+    ds = p * (tiling.dot_t(do, v_ref[keys, :]) - delta[:, None])
+    return dq + tiling.dot(ds.astype(k.dtype), k)
 
   dq = _fold_runs(_kv_block_runs(spec, q_block), step, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
@@ -502,7 +426,7 @@ def _dq_kernel(*refs, spec):
 
 def _dkv_kernel(*refs, spec):
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (q_seg_ref, kv_seg_ref), (dk_ref, dv_ref) = \
-      _split_refs(refs, 6, spec.segmented)
+      tiling.split_refs(refs, 6, spec.segmented)
   kv_seg = kv_seg_ref[...] if spec.segmented else None
   # q_ref, do_ref: [q_pad, groups, d]; lse_ref, delta_ref: [groups, q_pad];
   # k_ref, v_ref, dk_ref, dv_ref: [block_k, d]
@@ -519,9 +443,9 @@ def _dkv_kernel(*refs, spec):
       q_seg = q_seg_ref[rows] if spec.segmented else None
       p = _probs(spec, q, k, lse_ref[g, rows], masked, q_block * bq, kv_block * bk, q_seg,
                  kv_seg)
-      dv = dv + _dot_tn(p.astype(do.dtype), do)
-      ds = p * (_dot_t(do, v) - delta_ref[g, rows][:, None])  # [bq, bk]
-      return dk + _dot_tn(ds.astype(q.dtype), q), dv
+      dv = dv + tiling.dot_tn(p.astype(do.dtype), do)
+      ds = p * (tiling.dot_t(do, v) - delta_ref[g, rows][:, None])  # [bq, bk]
+      return dk + tiling.dot_tn(ds.astype(q.dtype), q), dv
 
     return _fold_runs(runs, step, carry)
 
@@ -538,7 +462,7 @@ def _backward(q, k, v, segments, out, lse, dout, dq_spec, dkv_spec):
   kv_pad, kv_heads = k.shape[1], k.shape[2]
   g = dq_spec.groups
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
-  lse_log2 = lse * LOG2_E  # the kernels' base-2 units; +inf (empty rows) stays +inf
+  lse_log2 = lse * tiling.LOG2_E  # the kernels' base-2 units; +inf (empty rows) stays +inf
   seg_args = segments or ()
 
   # dq: like the forward, one query block of one head per cell.
@@ -619,7 +543,7 @@ def _forward_call(q, k, v, segments, spec):
 def _kernels(spec):
   """(forward, backward) of spec's layout; both take and give the same arrays either way."""
   if spec.tpu:
-    from llm_research.kernels import flash_attention_tpu  # imports this module
+    from llm_research.kernels import flash_attention_tpu
     return flash_attention_tpu.forward, flash_attention_tpu.backward
   if spec.hopper:
     return _hopper_forward, _hopper_backward

@@ -39,6 +39,12 @@ softmax are the GPU's code.
 
 Precision: bfloat16 or float16 inputs, float32 accumulators and softmax statistics. On the GPU
 exp2 uses the fast approximate instruction (`approx_math`).
+
+Shared with flash_attention_mgpu_backward.py, hence public: `matmul`, `layout_cast`,
+`ring_slot`, `visible_kv_blocks` (each reads the fields its config shares with the backward's),
+`check_inputs`, `interpret_params`, SWIZZLED, the register budgets and SMEM_BYTES. They live here,
+not in tiling.py, because they need Mosaic GPU (`jax.experimental.pallas.mosaic_gpu`), which
+tiling.py, imported on every platform, does not load.
 """
 import dataclasses
 import functools
@@ -50,20 +56,25 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from llm_research.kernels import tiling
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SUPPORTED_HEAD_DIMS = (64, 128)
 # wgmma's M is 64 rows per warpgroup and its N, K steps are multiples of 64 for 16-bit inputs
 # with 128-byte swizzling; block_q and block_kv are multiples of this.
 BLOCK_MULTIPLE = 64
-_LOG2_E = math.log2(math.e)
+# SMEM transforms of the [rows, head_dim] tiles wgmma reads, here and in the backward: 128-byte
+# swizzled (8, 64) tiles, read without bank conflicts, for 16-bit rows of 64 elements (head_dim,
+# block_q and block_kv are multiples of 64).
+SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 # A Hopper SM has 64K 32-bit registers, so the per-thread budgets of the warpgroups (128 threads
 # each) sum to at most 65536 / 128 = 512. Two compute warpgroups and one memory warpgroup:
 # 232 + 232 + 40 = 504; the memory warpgroup gives up what it does not need so that the
 # accumulators fit without spilling.
-_COMPUTE_REGISTERS, _MEMORY_REGISTERS = 232, 40
+COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40
 # Shared memory a Hopper thread block may use (227 KiB), less the 2 KiB Mosaic GPU keeps for its
 # own reductions (CompilerParams.reduction_scratch_bytes) and 1 KiB for barriers and alignment.
-_SMEM_BYTES = 227 * 1024 - 2048 - 1024
+SMEM_BYTES = 227 * 1024 - 2048 - 1024
 HOPPER_COMPUTE_CAPABILITY = "9.0"
 # Default tiles, FlashAttention-3-like for head_dim <= 128 and untuned here: 2 x 64 query rows
 # per thread block, 128-key blocks, 2 ring slots.
@@ -131,8 +142,8 @@ def forward(query, key, value, *, causal=False, scale=None, kv_len=None,
   batch, q_len, heads, head_dim = query.shape
   kv_pad, kv_heads = key.shape[1], key.shape[2]
   kv_len = kv_pad if kv_len is None else kv_len
-  _check(query, key, value, kv_len, block_q, block_kv, max_concurrent_steps,
-         num_compute_warpgroups)
+  check_inputs(query, key, value, kv_len, block_q, block_kv, max_concurrent_steps,
+               num_compute_warpgroups)
   _check_smem(query.dtype, head_dim, block_q, block_kv, max_concurrent_steps,
               num_compute_warpgroups)
   interpret = interpret_params(interpret)
@@ -179,13 +190,10 @@ def _entry(q_ref, k_ref, v_ref, out_ref, lse_ref, *, config):
   """Allocate SMEM and barriers for all warpgroups of the block, then run `_kernel`."""
   c = config
   wgs, slots = c.num_compute_warpgroups, c.max_concurrent_steps
-  # 128-byte swizzled (8, 64) tiles: the SMEM layout wgmma reads without bank conflicts, for
-  # 16-bit rows of 64 elements (head_dim and block_kv are multiples of 64).
-  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   smem = [
-      plgpu.SMEM((wgs, c.block_q, c.head_dim), c.dtype, transforms=transforms),  # Q, then out
-      plgpu.SMEM((slots, c.block_kv, c.head_dim), c.dtype, transforms=transforms),  # K ring
-      plgpu.SMEM((slots, c.block_kv, c.head_dim), c.dtype, transforms=transforms),  # V ring
+      plgpu.SMEM((wgs, c.block_q, c.head_dim), c.dtype, transforms=SWIZZLED),  # Q, then out
+      plgpu.SMEM((slots, c.block_kv, c.head_dim), c.dtype, transforms=SWIZZLED),  # K ring
+      plgpu.SMEM((slots, c.block_kv, c.head_dim), c.dtype, transforms=SWIZZLED),  # V ring
       plgpu.SMEM((wgs, c.block_q), jnp.float32),  # lse
   ]
   barriers = (
@@ -210,12 +218,12 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, k_smem, v_smem, lse_s
   q_tile = c.q_tiles - 1 - lax.axis_index("q_tiles")
   block_first_row = q_tile * c.rows_per_block
   # kv blocks the memory warpgroup loads: those some row of this thread block can see.
-  block_kv_steps = _kv_steps(c, block_first_row + c.rows_per_block)
+  block_kv_steps = visible_kv_blocks(c, block_first_row + c.rows_per_block)
 
   @pl.when(wg < c.num_compute_warpgroups)
   def _compute():
     if c.num_compute_warpgroups > 1:
-      plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+      plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
     first_row = block_first_row + wg * c.block_q
     _compute_warpgroup(
         c, q_ref.at[batch, pl.ds(first_row, c.block_q), head],
@@ -227,14 +235,14 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, k_smem, v_smem, lse_s
   @pl.when(wg == c.num_compute_warpgroups)
   def _memory():
     if c.num_compute_warpgroups > 1:
-      plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+      plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
     kv_head = lax.div(head, jnp.array(c.groups, head.dtype))
 
     # Steps past the last load only wait for the last blocks to be read: every thread must follow
     # every phase of a barrier it waits on (the interpreter checks it).
     @pl.loop(0, block_kv_steps + c.max_concurrent_steps)
     def _load(step):
-      slot = _slot(c, step)
+      slot = ring_slot(c, step)
       keys = (batch, pl.ds(step * c.block_kv, c.block_kv), kv_head)
       slot_used = step >= c.max_concurrent_steps  # by step - max_concurrent_steps
       load = step < block_kv_steps
@@ -250,7 +258,7 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, k_smem, v_smem, lse_s
           plgpu.copy_gmem_to_smem(gmem.at[keys], smem.at[slot], loaded.at[slot])
 
 
-def _kv_steps(config, rows_end):
+def visible_kv_blocks(config, rows_end):
   """Number of kv blocks that rows [.., rows_end) can see (traced)."""
   if not config.causal:
     return config.kv_blocks
@@ -265,17 +273,17 @@ def _compute_warpgroup(c, q_gmem, out_gmem, lse_gmem, q_smem, lse_smem, q_loaded
   plgpu.copy_gmem_to_smem(q_gmem, q_smem, q_loaded)
   plgpu.barrier_wait(q_loaded)
   rows = plgpu.Layout.WGMMA.reduce(1)  # a vector with one value per accumulator row
-  carry = (_layout_cast(c, jnp.zeros((c.block_q, c.head_dim), jnp.float32),
-                        plgpu.Layout.WGMMA),  # unnormalised output
+  carry = (layout_cast(c, jnp.zeros((c.block_q, c.head_dim), jnp.float32),
+                       plgpu.Layout.WGMMA),  # unnormalised output
            # Running max of the logits in base 2; -inf is safe: block 0 gives every row a key.
-           _layout_cast(c, jnp.full((c.block_q,), -jnp.inf, jnp.float32), rows),
-           _layout_cast(c, jnp.zeros((c.block_q,), jnp.float32), rows))  # sum of exp2
+           layout_cast(c, jnp.full((c.block_q,), -jnp.inf, jnp.float32), rows),
+           layout_cast(c, jnp.zeros((c.block_q,), jnp.float32), rows))  # sum of exp2
 
   # Blocks [0, unmasked_steps) are visible to every row; [unmasked_steps, kv_steps) need a mask.
   unmasked_steps = c.kv_len // c.block_kv
   if c.causal:
     unmasked_steps = jnp.minimum(lax.div(first_row + 1, c.block_kv), unmasked_steps)
-  kv_steps = _kv_steps(c, first_row + c.block_q)
+  kv_steps = visible_kv_blocks(c, first_row + c.block_q)
   # Ping-pong: warpgroup 1 starts one rendezvous ahead of warpgroup 0 (`_kv_step`), which
   # makes up for it at the end; both then meet the barrier equally often.
   if rendezvous is not None:
@@ -291,7 +299,7 @@ def _compute_warpgroup(c, q_gmem, out_gmem, lse_gmem, q_smem, lse_smem, q_loaded
   # to read the next one right.
   @pl.loop(kv_steps, block_kv_steps)
   def _skip(kv_step):
-    slot = _slot(c, kv_step)
+    slot = ring_slot(c, kv_step)
     plgpu.barrier_wait(k_loaded.at[slot])
     plgpu.barrier_arrive(k_free.at[slot])
     _meet(rendezvous)  # the two of a step (`_kv_step`)
@@ -318,7 +326,9 @@ def _meet(rendezvous):
     plgpu.barrier_wait(rendezvous)
 
 
-def _slot(c, kv_step):
+def ring_slot(c, kv_step):
+  """The SMEM ring slot of step `kv_step` (traced): the steps take the max_concurrent_steps slots
+  in turn."""
   return lax.rem(kv_step, jnp.array(c.max_concurrent_steps, kv_step.dtype))
 
 
@@ -333,16 +343,16 @@ def _kv_step(c, q_smem, k_smem, v_smem, k_loaded, v_loaded, k_free, v_free, rend
   The two softmaxes alternate, each overlapping the other warpgroup's matmuls.
   """
   acc, m, l = carry
-  slot = _slot(c, kv_step)
+  slot = ring_slot(c, kv_step)
   plgpu.barrier_wait(k_loaded.at[slot])
-  logits = _matmul(c, q_smem, k_smem.at[slot], transpose_b=True,
-                   while_running=lambda: _meet(rendezvous))  # [block_q, block_kv]
+  logits = matmul(c, q_smem, k_smem.at[slot], transpose_b=True,
+                  while_running=lambda: _meet(rendezvous))  # [block_q, block_kv]
   plgpu.barrier_arrive(k_free.at[slot])  # the wgmma has finished reading K
-  logits *= c.scale * _LOG2_E  # base 2: exp2(x * log2 e) == exp(x)
+  logits *= c.scale * tiling.LOG2_E  # base 2: exp2(x * log2 e) == exp(x)
   if masked:
     shape = (c.block_q, c.block_kv)
-    iota = lambda axis: _layout_cast(c, lax.broadcasted_iota(jnp.int32, shape, axis),
-                                     plgpu.Layout.WGMMA)
+    iota = lambda axis: layout_cast(c, lax.broadcasted_iota(jnp.int32, shape, axis),
+                                    plgpu.Layout.WGMMA)
     query_index = first_row + iota(0)
     key_index = kv_step * c.block_kv + iota(1)
     visible = key_index < c.kv_len
@@ -358,19 +368,19 @@ def _kv_step(c, q_smem, k_smem, v_smem, k_loaded, v_loaded, k_free, v_free, rend
   plgpu.barrier_wait(v_loaded.at[slot])
   if rendezvous is not None:
     plgpu.barrier_wait(rendezvous)
-  pv = _matmul(c, p.astype(c.dtype), v_smem.at[slot], transpose_b=False)  # [block_q, head_dim]
+  pv = matmul(c, p.astype(c.dtype), v_smem.at[slot], transpose_b=False)  # [block_q, head_dim]
   plgpu.barrier_arrive(v_free.at[slot])
   return acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + pv, m_new, l
 
 
-def _layout_cast(c, x, layout):
+def layout_cast(c, x, layout):
   """x in a register layout, for values whose layout Mosaic GPU cannot infer (constants, iotas
   in a loop carry or next to an accumulator). The interpreter has no rule for layout casts and
   no layouts to mind: there x stays as it is."""
   return x if c.interpret else plgpu.layout_cast(x, layout)
 
 
-def _matmul(c, a, b_smem, *, transpose_b, while_running=lambda: None):
+def matmul(c, a, b_smem, *, transpose_b, while_running=lambda: None):
   """a @ b (b^T if transpose_b) in float32; a: SMEM ref or register array, b_smem: SMEM ref.
   `while_running()` runs after the wgmma is issued, before waiting for its result.
 
@@ -399,8 +409,8 @@ def _matmul(c, a, b_smem, *, transpose_b, while_running=lambda: None):
   return pl.run_scoped(issue_and_read, plgpu.ACC(shape, jnp.float32))
 
 
-def _check(query, key, value, kv_len, block_q, block_kv, max_concurrent_steps,
-           num_compute_warpgroups):
+def check_inputs(query, key, value, kv_len, block_q, block_kv, max_concurrent_steps,
+                 num_compute_warpgroups):
   """Raise, naming the argument, on anything the kernel does not handle."""
   if query.ndim != 4 or key.ndim != 4 or key.shape != value.shape:
     raise ValueError(f"query {query.shape}, key {key.shape}, value {value.shape} must be "
@@ -435,7 +445,7 @@ def _check_smem(dtype, head_dim, block_q, block_kv, max_concurrent_steps,
   check it; the launch would fail on the GPU)."""
   elements = (num_compute_warpgroups * block_q + 2 * max_concurrent_steps * block_kv) * head_dim
   used = elements * jnp.dtype(dtype).itemsize + num_compute_warpgroups * block_q * 4
-  if used > _SMEM_BYTES:
+  if used > SMEM_BYTES:
     raise ValueError(f"block_q={block_q}, block_kv={block_kv}, max_concurrent_steps="
                      f"{max_concurrent_steps} need {used} bytes of shared memory per thread "
-                     f"block at head_dim={head_dim}, more than the {_SMEM_BYTES} available")
+                     f"block at head_dim={head_dim}, more than the {SMEM_BYTES} available")

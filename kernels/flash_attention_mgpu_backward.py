@@ -52,18 +52,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from llm_research.kernels import flash_attention_mgpu as fwd
-from llm_research.kernels.flash_attention_mgpu import _layout_cast, _matmul, _slot
+from llm_research.kernels import tiling
+from llm_research.kernels.flash_attention_mgpu import layout_cast, matmul, ring_slot
 
 # Tiles per wgmma step: 64 query rows by 64 keys, the smallest wgmma M; each kernel's held block
 # is num_compute_warpgroups times its side (128 with two), as in FA3's head_dim-128 backward.
 DEFAULT_BLOCK_Q, DEFAULT_BLOCK_KV, DEFAULT_CONCURRENT_STEPS = 64, 64, 2
-_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # as in the forward
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Everything static the two kernels need; field names as in the forward's config, whose
-  helpers (`_matmul`, `_layout_cast`, `_slot`, `_kv_steps`) read them."""
+  helpers (`matmul`, `layout_cast`, `ring_slot`, `visible_kv_blocks`) read them."""
 
   block_q: int  # query rows per wgmma step: held per warpgroup in dq, streamed in dk/dv
   block_kv: int  # keys per wgmma step: streamed in dq, held per warpgroup in dk/dv
@@ -81,7 +81,7 @@ class _Config:
 
   @property
   def scale_log2(self):
-    return self.scale * fwd._LOG2_E
+    return self.scale * tiling.LOG2_E
 
 
 def backward(query, key, value, out, dout, lse, *, causal=False, scale=None, kv_len=None,
@@ -116,8 +116,8 @@ def backward(query, key, value, out, dout, lse, *, causal=False, scale=None, kv_
   batch, q_len, heads, head_dim = query.shape
   kv_pad, kv_heads = key.shape[1], key.shape[2]
   kv_len = kv_pad if kv_len is None else kv_len
-  fwd._check(query, key, value, kv_len, block_q, block_kv, max_concurrent_steps,
-             num_compute_warpgroups)
+  fwd.check_inputs(query, key, value, kv_len, block_q, block_kv, max_concurrent_steps,
+                   num_compute_warpgroups)
   _check_residuals(query, key, out, dout, lse, block_kv, num_compute_warpgroups)
   _check_smem(query.dtype, head_dim, block_q, block_kv, max_concurrent_steps,
               num_compute_warpgroups)
@@ -129,7 +129,7 @@ def backward(query, key, value, out, dout, lse, *, causal=False, scale=None, kv_
       scale=head_dim**-0.5 if scale is None else float(scale), groups=heads // kv_heads,
       head_dim=head_dim, dtype=query.dtype, interpret=bool(interpret))
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
-  lse_log2 = lse * fwd._LOG2_E  # the kernels' base-2 units
+  lse_log2 = lse * tiling.LOG2_E  # the kernels' base-2 units
   launch = functools.partial(
       plgpu.kernel, num_threads=num_compute_warpgroups + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret or None)
@@ -161,7 +161,7 @@ def _produce(c, steps, load, free):
   barrier it waits on (the interpreter checks it)."""
   @pl.loop(0, steps + c.max_concurrent_steps)
   def _step(step):
-    slot = _slot(c, step)
+    slot = ring_slot(c, step)
 
     @pl.when(step >= c.max_concurrent_steps)  # the slot held step - max_concurrent_steps
     def _():
@@ -175,7 +175,7 @@ def _produce(c, steps, load, free):
 def _pass_over(c, loaded, free, step):
   """Consume a ring step this warpgroup does not need (another warpgroup's rows or keys see it):
   the free barriers count an arrival from every compute warpgroup."""
-  slot = _slot(c, step)
+  slot = ring_slot(c, step)
   plgpu.barrier_wait(loaded.at[slot])
   plgpu.barrier_arrive(free.at[slot])
 
@@ -184,7 +184,7 @@ def _products(c, *operands):
   """a @ b^T in float32 for each (a, b) pair of SMEM refs; on the GPU all wgmmas are issued
   before waiting for any, so that the tensor cores run them back to back."""
   if c.interpret:
-    return tuple(_matmul(c, a, b, transpose_b=True) for a, b in operands)
+    return tuple(matmul(c, a, b, transpose_b=True) for a, b in operands)
 
   def issue_and_read(*acc_refs):
     for acc_ref, (a, b) in zip(acc_refs, operands):
@@ -198,7 +198,7 @@ def _accumulate(c, *operands):
   """acc + a @ b for each (acc, a, b): acc float32, a a register array, b an SMEM ref; on the
   GPU in place (module docstring), all wgmmas issued before waiting for any."""
   if c.interpret:
-    return tuple(acc + _matmul(c, a, b, transpose_b=False) for acc, a, b in operands)
+    return tuple(acc + matmul(c, a, b, transpose_b=False) for acc, a, b in operands)
 
   def issue(acc_refs):
     for acc_ref, (_, a, b) in zip(acc_refs, operands):
@@ -209,8 +209,8 @@ def _accumulate(c, *operands):
 def _masked(c, x, first_query, first_key, query_axis):
   """x [rows, cols] of base-2 logits with -inf where the key is padding or, causal, after the
   query; query_axis says which of x's axes indexes queries."""
-  iota = lambda axis: _layout_cast(c, lax.broadcasted_iota(jnp.int32, x.shape, axis),
-                                   plgpu.Layout.WGMMA)
+  iota = lambda axis: layout_cast(c, lax.broadcasted_iota(jnp.int32, x.shape, axis),
+                                  plgpu.Layout.WGMMA)
   query_index = first_query + iota(query_axis)
   key_index = first_key + iota(1 - query_axis)
   visible = key_index < c.kv_len
@@ -238,11 +238,11 @@ def _set_registers(c, wg):
 
   @pl.when(wg < c.num_compute_warpgroups)
   def _():
-    plgpu.set_max_registers(fwd._COMPUTE_REGISTERS, action="increase")
+    plgpu.set_max_registers(fwd.COMPUTE_REGISTERS, action="increase")
 
   @pl.when(wg == c.num_compute_warpgroups)
   def _():
-    plgpu.set_max_registers(fwd._MEMORY_REGISTERS, action="decrease")
+    plgpu.set_max_registers(fwd.MEMORY_REGISTERS, action="decrease")
 
 
 # ---- dk, dv ------------------------------------------------------------------------------------
@@ -252,8 +252,8 @@ def _dkv_entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, 
   """Allocate SMEM and barriers for all warpgroups of the block, then run `_dkv_kernel`."""
   c = config
   wgs, slots = c.num_compute_warpgroups, c.max_concurrent_steps
-  held = plgpu.SMEM((wgs, c.block_kv, c.head_dim), c.dtype, transforms=_SWIZZLED)
-  ring = plgpu.SMEM((slots, c.block_q, c.head_dim), c.dtype, transforms=_SWIZZLED)
+  held = plgpu.SMEM((wgs, c.block_kv, c.head_dim), c.dtype, transforms=fwd.SWIZZLED)
+  ring = plgpu.SMEM((slots, c.block_q, c.head_dim), c.dtype, transforms=fwd.SWIZZLED)
   ring_rows = plgpu.SMEM((slots, c.block_q), jnp.float32)
   smem = [held, held, ring, ring, ring_rows, ring_rows]  # K, V; Q, dO, lse, delta rings
   barriers = (
@@ -341,7 +341,7 @@ def _dkv_warpgroup(c, k_gmem, v_gmem, dk_gmem, dv_gmem, k_smem, v_smem, kv_loade
     return lax.fori_loop(unmasked_lo, c.q_blocks,
                          functools.partial(step, ring_step, masked=False), carry)
 
-  zeros = _layout_cast(c, jnp.zeros((c.block_kv, c.head_dim), jnp.float32), plgpu.Layout.WGMMA)
+  zeros = layout_cast(c, jnp.zeros((c.block_kv, c.head_dim), jnp.float32), plgpu.Layout.WGMMA)
   dk, dv = lax.fori_loop(0, c.groups, head, (zeros, zeros))
   # dK is scaled once here rather than dS^T at every step; K and V are no longer read.
   _write(c, ((dk * c.scale, k_smem), (dv, v_smem)), (dk_gmem, dv_gmem))
@@ -351,13 +351,13 @@ def _dkv_step(c, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, rows_loa
               first_key, ring_step, q_block, carry, *, masked):
   """One query block of one head: carry (dK, dV) [block_kv, head_dim] -> updated."""
   dk, dv = carry
-  slot = _slot(c, ring_step(q_block))
+  slot = ring_slot(c, ring_step(q_block))
   q_smem, do_smem = q_ring.at[slot], do_ring.at[slot]
   plgpu.barrier_wait(rows_loaded.at[slot])
   per_query = plgpu.Layout.WGMMA.reduce(0)  # a vector with one value per accumulator column
   by_query = lambda x, like: lax.broadcast_in_dim(x, like.shape, [1])
-  lse, delta = (_layout_cast(c, ring.at[slot][...], per_query) for ring in (lse_ring,
-                                                                           delta_ring))
+  lse, delta = (layout_cast(c, ring.at[slot][...], per_query) for ring in (lse_ring,
+                                                                          delta_ring))
   logits_t, dp_t = _products(c, (k_smem, q_smem), (v_smem, do_smem))  # [block_kv, block_q]
   logits_t *= c.scale_log2
   if masked:
@@ -376,9 +376,9 @@ def _dq_entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, config
   """Allocate SMEM and barriers for all warpgroups of the block, then run `_dq_kernel`."""
   c = config
   wgs, slots = c.num_compute_warpgroups, c.max_concurrent_steps
-  held = plgpu.SMEM((wgs, c.block_q, c.head_dim), c.dtype, transforms=_SWIZZLED)
+  held = plgpu.SMEM((wgs, c.block_q, c.head_dim), c.dtype, transforms=fwd.SWIZZLED)
   held_rows = plgpu.SMEM((wgs, c.block_q), jnp.float32)
-  ring = plgpu.SMEM((slots, c.block_kv, c.head_dim), c.dtype, transforms=_SWIZZLED)
+  ring = plgpu.SMEM((slots, c.block_kv, c.head_dim), c.dtype, transforms=fwd.SWIZZLED)
   smem = [held, held, held_rows, held_rows, ring, ring]  # Q (then dQ), dO, lse, delta; K, V
   barriers = (
       plgpu.Barrier(num_arrivals=4, num_barriers=wgs),  # Q, dO, lse, delta loaded
@@ -400,7 +400,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem, 
   # Last query tile first: under causal masking it has the most kv blocks.
   block_first_row = (q_tiles - 1 - lax.axis_index("q_tiles")) * c.num_compute_warpgroups * \
       c.block_q
-  block_kv_steps = fwd._kv_steps(c, block_first_row + c.num_compute_warpgroups * c.block_q)
+  block_kv_steps = fwd.visible_kv_blocks(c, block_first_row + c.num_compute_warpgroups * c.block_q)
   _set_registers(c, wg)
 
   @pl.when(wg < c.num_compute_warpgroups)
@@ -433,16 +433,16 @@ def _dq_warpgroup(c, gmem, dq_gmem, q_smem, do_smem, lse_smem, delta_smem, rows_
     plgpu.copy_gmem_to_smem(source, smem, rows_loaded)
   plgpu.barrier_wait(rows_loaded)
   per_row = plgpu.Layout.WGMMA.reduce(1)
-  lse, delta = (_layout_cast(c, smem[...], per_row) for smem in (lse_smem, delta_smem))
+  lse, delta = (layout_cast(c, smem[...], per_row) for smem in (lse_smem, delta_smem))
   # Blocks [0, unmasked_steps) are visible to every row; [unmasked_steps, kv_steps) need a mask
   # (as in the forward).
   unmasked_steps = c.kv_len // c.block_kv
   if c.causal:
     unmasked_steps = jnp.minimum(lax.div(first_row + 1, c.block_kv), unmasked_steps)
-  kv_steps = fwd._kv_steps(c, first_row + c.block_q)
+  kv_steps = fwd.visible_kv_blocks(c, first_row + c.block_q)
   step = functools.partial(_dq_step, c, q_smem, do_smem, lse, delta, k_ring, v_ring, kv_loaded,
                            kv_free, first_row)
-  dq = _layout_cast(c, jnp.zeros((c.block_q, c.head_dim), jnp.float32), plgpu.Layout.WGMMA)
+  dq = layout_cast(c, jnp.zeros((c.block_q, c.head_dim), jnp.float32), plgpu.Layout.WGMMA)
   dq = lax.fori_loop(0, unmasked_steps, functools.partial(step, masked=False), dq)
   dq = lax.fori_loop(unmasked_steps, kv_steps, functools.partial(step, masked=True), dq)
 
@@ -456,7 +456,7 @@ def _dq_warpgroup(c, gmem, dq_gmem, q_smem, do_smem, lse_smem, delta_smem, rows_
 def _dq_step(c, q_smem, do_smem, lse, delta, k_ring, v_ring, kv_loaded, kv_free, first_row,
              kv_step, dq, *, masked):
   """One kv block: dQ [block_q, head_dim] -> updated."""
-  slot = _slot(c, kv_step)
+  slot = ring_slot(c, kv_step)
   k_smem, v_smem = k_ring.at[slot], v_ring.at[slot]
   plgpu.barrier_wait(kv_loaded.at[slot])
   by_row = lambda x, like: lax.broadcast_in_dim(x, like.shape, [0])
@@ -475,8 +475,8 @@ def _dq_step(c, q_smem, do_smem, lse, delta, k_ring, v_ring, kv_loaded, kv_free,
 
 
 def _check_residuals(query, key, out, dout, lse, block_kv, num_compute_warpgroups):
-  """Raise, naming the argument, on residuals that do not fit the inputs (fwd._check checks
-  query, key and value)."""
+  """Raise, naming the argument, on residuals that do not fit the inputs (fwd.check_inputs
+  checks query, key and value)."""
   for name, x in (("out", out), ("dout", dout)):
     if x.shape != query.shape or x.dtype != query.dtype:
       raise ValueError(f"{name} {x.shape} {x.dtype} must be like query {query.shape} "
@@ -503,8 +503,8 @@ def _check_smem(dtype, head_dim, block_q, block_kv, max_concurrent_steps,
                + 2 * slots * block_q * 4,
   }
   for kernel, used in needs.items():
-    if used > fwd._SMEM_BYTES:
+    if used > fwd.SMEM_BYTES:
       raise ValueError(f"block_q={block_q}, block_kv={block_kv}, max_concurrent_steps="
                        f"{max_concurrent_steps}, num_compute_warpgroups={wgs} need {used} "
                        f"bytes of shared memory per thread block in the {kernel} kernel at "
-                       f"head_dim={head_dim}, more than the {fwd._SMEM_BYTES} available")
+                       f"head_dim={head_dim}, more than the {fwd.SMEM_BYTES} available")

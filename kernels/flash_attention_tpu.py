@@ -1,8 +1,8 @@
 """Flash attention kernels for TPU (Mosaic): forward, dq, dk/dv. Dispatch: flash_attention.py.
 
-Same algorithm and semantics as the Triton-layout kernels in flash_attention.py, tiled the way
-Mosaic wants: every block is 2-D with its last two dims multiples of (8, 128) or equal to the
-array's. So
+Same algorithm and semantics as the Triton-layout kernels in flash_attention.py (the masks,
+block ranges and dots the two share come from tiling.py), tiled the way Mosaic wants: every
+block is 2-D with its last two dims multiples of (8, 128) or equal to the array's. So
   * q, k, v, out are viewed head-major: [batch, heads, length, head_dim]; a block is one
     [block, head_dim] tile of one head (head_dim 64/128/256 is the whole last dim);
   * per-row statistics (log-sum-exp, delta) and the query segment ids travel lane-replicated,
@@ -25,8 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from llm_research.kernels.flash_attention import (MASKED_LOGIT, _dot, _dot_t, _kv_block_range,
-                                                  _mask, _q_block_range, _split_refs)
+from llm_research.kernels import tiling
 
 LANES, SUBLANES = 128, 8
 
@@ -37,7 +36,7 @@ def _tile_mask(spec, q_block, kv_block, q_seg_ref, kv_seg_ref):
   q_idx = q_block * spec.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
   k_idx = kv_block * spec.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
   kv_len = spec.kv_len if spec.kv_pad != spec.kv_len else None
-  mask = _mask(q_idx, k_idx, spec.causal, spec.window, kv_len)
+  mask = tiling.attention_mask(q_idx, k_idx, spec.causal, spec.window, kv_len)
   if spec.segmented:
     same = q_seg_ref[:, :1] == kv_seg_ref[:1, :]  # [block_q, 1] == [1, block_k]
     mask = same if mask is None else mask & same
@@ -46,13 +45,13 @@ def _tile_mask(spec, q_block, kv_block, q_seg_ref, kv_seg_ref):
 
 def _visible_kv_block(spec, q_block, kv_block):
   """kv_block clamped to those q_block sees: a skipped step keeps the block already fetched."""
-  lo, hi = _kv_block_range(spec, q_block)
+  lo, hi = tiling.kv_block_range(spec, q_block)
   return jnp.minimum(jnp.maximum(kv_block, lo), hi - 1)
 
 
 def _visible_q_block(spec, kv_block, q_block):
   """q_block clamped to those that see kv_block: a skipped step keeps the block already fetched."""
-  lo, hi = _q_block_range(spec, kv_block)
+  lo, hi = tiling.q_block_range(spec, kv_block)
   return jnp.minimum(jnp.maximum(q_block, lo), hi - 1)
 
 
@@ -96,24 +95,24 @@ def _query_major_specs(spec, head_dim):
 
 def _forward_kernel(*refs, spec):
   (q_ref, k_ref, v_ref), (q_seg_ref, kv_seg_ref), (o_ref, lse_ref, acc_ref, m_ref, l_ref) = \
-      _split_refs(refs, 3, spec.segmented)
+      tiling.split_refs(refs, 3, spec.segmented)
   # q_ref, o_ref: [block_q, d]; k_ref, v_ref: [block_k, d]; lse_ref: [block_q, 128];
   # scratch: acc_ref [block_q, d], m_ref (running max), l_ref (running sum) [block_q, 128]
   q_block, kv_block = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_block_range(spec, q_block)
+  lo, hi = tiling.kv_block_range(spec, q_block)
 
   @pl.when(kv_block == 0)
   def _init():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    m_ref[...] = jnp.full(m_ref.shape, MASKED_LOGIT, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, tiling.MASKED_LOGIT, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
   @pl.when((lo <= kv_block) & (kv_block < hi))
   def _step():
-    s = _dot_t(q_ref[...], k_ref[...]) * spec.scale  # [block_q, block_k]
+    s = tiling.dot_t(q_ref[...], k_ref[...]) * spec.scale  # [block_q, block_k]
     mask = _tile_mask(spec, q_block, kv_block, q_seg_ref, kv_seg_ref)
     if mask is not None:
-      s = jnp.where(mask, s, MASKED_LOGIT)
+      s = jnp.where(mask, s, tiling.MASKED_LOGIT)
     m, l = m_ref[:, :1], l_ref[:, :1]  # [block_q, 1]
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     p = jnp.exp(s - m_new)
@@ -121,7 +120,7 @@ def _forward_kernel(*refs, spec):
       p = jnp.where(mask, p, 0.0)  # a row masked so far has m_new == MASKED_LOGIT, p == 1
     correction = jnp.exp(m - m_new)
     v = v_ref[...]
-    acc_ref[...] = acc_ref[...] * correction + _dot(p.astype(v.dtype), v)
+    acc_ref[...] = acc_ref[...] * correction + tiling.dot(p.astype(v.dtype), v)
     m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
     l_ref[...] = jnp.broadcast_to(l * correction + p.sum(axis=1, keepdims=True), l_ref.shape)
 
@@ -169,17 +168,17 @@ def _head_major(x):
 
 def _probs(spec, q, k, lse, mask):
   """Recomputed softmax tile [block_q, block_k] from the saved log-sum-exp [block_q, 1]."""
-  p = jnp.exp(_dot_t(q, k) * spec.scale - lse)
+  p = jnp.exp(tiling.dot_t(q, k) * spec.scale - lse)
   return p if mask is None else jnp.where(mask, p, 0.0)
 
 
 def _dq_kernel(*refs, spec):
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (q_seg_ref, kv_seg_ref), (dq_ref, acc_ref) = \
-      _split_refs(refs, 6, spec.segmented)
+      tiling.split_refs(refs, 6, spec.segmented)
   # q_ref, do_ref, dq_ref, acc_ref (scratch): [block_q, d]; k_ref, v_ref: [block_k, d];
   # lse_ref, delta_ref: [block_q, 128]
   q_block, kv_block = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_block_range(spec, q_block)
+  lo, hi = tiling.kv_block_range(spec, q_block)
 
   @pl.when(kv_block == 0)
   def _init():
@@ -190,8 +189,8 @@ def _dq_kernel(*refs, spec):
     k = k_ref[...]
     mask = _tile_mask(spec, q_block, kv_block, q_seg_ref, kv_seg_ref)
     p = _probs(spec, q_ref[...], k, lse_ref[:, :1], mask)
-    ds = p * (_dot_t(do_ref[...], v_ref[...]) - delta_ref[:, :1])  # [block_q, block_k]
-    acc_ref[...] += _dot(ds.astype(k.dtype), k)
+    ds = p * (tiling.dot_t(do_ref[...], v_ref[...]) - delta_ref[:, :1])  # [block_q, block_k]
+    acc_ref[...] += tiling.dot(ds.astype(k.dtype), k)
 
   @pl.when(kv_block == pl.num_programs(3) - 1)
   def _finish():
@@ -200,11 +199,11 @@ def _dq_kernel(*refs, spec):
 
 def _dkv_kernel(*refs, spec):
   ((q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (q_seg_ref, kv_seg_ref),
-   (dk_ref, dv_ref, dk_acc_ref, dv_acc_ref)) = _split_refs(refs, 6, spec.segmented)
+   (dk_ref, dv_ref, dk_acc_ref, dv_acc_ref)) = tiling.split_refs(refs, 6, spec.segmented)
   # q_ref, do_ref: [block_q, d]; lse_ref, delta_ref: [block_q, 128];
   # k_ref, v_ref, dk_ref, dv_ref, dk_acc_ref and dv_acc_ref (scratch): [block_k, d]
   kv_block, head, q_block = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  lo, hi = _q_block_range(spec, kv_block)
+  lo, hi = tiling.q_block_range(spec, kv_block)
 
   @pl.when((head == 0) & (q_block == 0))
   def _init():
@@ -216,9 +215,9 @@ def _dkv_kernel(*refs, spec):
     q, do = q_ref[...], do_ref[...]
     mask = _tile_mask(spec, q_block, kv_block, q_seg_ref, kv_seg_ref)
     p = _probs(spec, q, k_ref[...], lse_ref[:, :1], mask)  # [block_q, block_k]
-    dv_acc_ref[...] += _dot(p.T.astype(do.dtype), do)  # float32 transposes, then the MXU
-    ds = p * (_dot_t(do, v_ref[...]) - delta_ref[:, :1])
-    dk_acc_ref[...] += _dot(ds.T.astype(q.dtype), q)
+    dv_acc_ref[...] += tiling.dot(p.T.astype(do.dtype), do)  # float32 transposes, then the MXU
+    ds = p * (tiling.dot_t(do, v_ref[...]) - delta_ref[:, :1])
+    dk_acc_ref[...] += tiling.dot(ds.T.astype(q.dtype), q)
 
   @pl.when((head == pl.num_programs(3) - 1) & (q_block == pl.num_programs(4) - 1))
   def _finish():
