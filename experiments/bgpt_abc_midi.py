@@ -29,7 +29,7 @@ from bgpt_cpu_states import MODEL, add_common_flags, byte_run_config
 from llm_research.data import byte_rows, pipeline
 from llm_research.metrics import read_metrics
 from llm_research.sample import load_run
-from llm_research.train import train_and_evaluate
+from llm_research.training import train_and_evaluate
 from report import header, write
 
 DIRECTIONS = {"ABC -> MIDI": "abc_to_midi", "MIDI -> ABC": "midi_to_abc"}

@@ -35,7 +35,7 @@ from llm_research.data import byte_datasets, byte_rows, cpu_states
 from llm_research.metrics import read_metrics
 from llm_research.models import bgpt
 from llm_research.sample import load_run
-from llm_research.train import train_and_evaluate
+from llm_research.training import train_and_evaluate
 from report import header, write
 
 # A ~1.2M-parameter bGPT: PRESETS["small"] (patch size 16) narrowed and made shallower to train
@@ -52,8 +52,8 @@ def byte_run_config(byte_dataset: str, byte_config: str, seq_len: int, args, *, 
   from `args.data_dir`: `steps` steps of `batch_size` at `args.learning_rate` (10% warmup,
   cosine decay), evaluated `evals` times over the whole validation split (`args.eval_rows`
   rows at most)."""
-  config = base_config()
-  config.model.update(name="bgpt", **{**MODEL, **model})
+  config = base_config("bgpt")
+  config.model.update(**{**MODEL, **model})
   config.data.update(source="bytes", byte_dataset=byte_dataset, byte_config=byte_config,
                      seq_len=seq_len, data_dir=args.data_dir)
   every = max(steps // evals, 1)

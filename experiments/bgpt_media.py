@@ -25,7 +25,7 @@ import numpy as np
 
 from bgpt_cpu_states import MODEL, add_common_flags, byte_run_config
 from llm_research.metrics import read_metrics
-from llm_research.train import train_and_evaluate
+from llm_research.training import train_and_evaluate
 from report import header, write
 
 SEQ_LEN = 3152  # a 3126-byte BMP padded to whole patches, and the end patch

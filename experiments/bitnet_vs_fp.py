@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.methods.ternary_packing import pack_params, param_bytes
-from llm_research.train import model_config_from, train_and_evaluate
+from llm_research.training import model_config_from, train_and_evaluate
 from report import write
 
 SIZES = {

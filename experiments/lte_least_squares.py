@@ -19,7 +19,7 @@ the same loss by full-batch gradient descent (optax.sgd), for the same number of
   explores a new r-dimensional subspace; plain gradient descent has no optimizer state to keep
   or reset). A reset-less merge would change nothing with one head (next item);
 - LTE, N heads x rank r, merged every `--lte_merge_every` steps: the project's reset-less LTE
-  (`methods/lte.py`: `assemble` gives head n's W + s (A_n B_n - A'_n B'_n), `merge` and
+  (`training/lte.py`: `assemble` gives head n's W + s (A_n B_n - A'_n B'_n), `merge` and
   `main_params` the merge), head n trained on the n-th of N disjoint shares of X's rows, A_n and
   B_n never reset. The merges telescope, W = W_0 + s mean_n A_n B_n, so its rank is at most N r:
   with one head it is exactly LoRA without merging, and it can reach the full-rank solution only
@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llm_research import train
-from llm_research.methods import lora, lte
+from llm_research import training
+from llm_research.methods import lora
+from llm_research.training import lte
 from llm_research.models.linear import orthogonal_adapter_init
 from report import header, write
 
@@ -79,7 +80,7 @@ class Problem:
 def descend(problem, state, loss_of_trained, weight_of, steps, learning_rate, hooks=()):
   """`steps` of gradient descent on `state.params["trained"]` against
   `loss_of_trained(trained, frozen)`, each followed by the after-step `hooks`
-  (train.AfterStepHook, as in training); [steps] relative losses of the weight
+  (training.AfterStepHook, as in training); [steps] relative losses of the weight
   `weight_of(params)` [d, d], recorded after each step and its hooks."""
   optimizer = optax.sgd(learning_rate)
   state = state.replace(opt_state=optimizer.init(state.params["trained"]))
@@ -88,16 +89,16 @@ def descend(problem, state, loss_of_trained, weight_of, steps, learning_rate, ho
     grads = jax.grad(loss_of_trained)(state.params["trained"], state.params["frozen"])
     updates, opt_state = optimizer.update(grads, state.opt_state)
     params = {**state.params, "trained": optax.apply_updates(state.params["trained"], updates)}
-    state = train.apply_hooks(state.replace(step=state.step + 1, params=params,
+    state = training.apply_hooks(state.replace(step=state.step + 1, params=params,
                                             opt_state=opt_state), hooks)
     return state, problem.relative(weight_of(state.params))
 
   return np.asarray(jax.lax.scan(step, state, length=steps)[1])
 
 
-def start(trained, frozen, seed: int) -> train.TrainState:
+def start(trained, frozen, seed: int) -> training.TrainState:
   """A train state whose params are {"trained": ..., "frozen": ...}, its RNG from `seed`."""
-  return train.TrainState(step=jnp.zeros((), jnp.int32),
+  return training.TrainState(step=jnp.zeros((), jnp.int32),
                           params={"trained": trained, "frozen": frozen}, opt_state=None,
                           rng=jax.random.key_data(jax.random.key(seed)))
 
@@ -128,7 +129,7 @@ def lora_run(problem, args, merge_every: int | None):
              "lora_b": jnp.zeros((1, args.rank, d))}
     return state.replace(params={"frozen": weight_of(state.params), "trained": fresh})
 
-  hooks = (train.AfterStepHook(merge_every, merge_and_restart),) if merge_every else ()
+  hooks = (training.AfterStepHook(merge_every, merge_and_restart),) if merge_every else ()
   state = start(first_adapters(args, 1, d), jnp.zeros((d, d)), args.seed)
   loss = lambda trained, frozen: problem.loss(weight_of({"trained": trained, "frozen": frozen}))
   return descend(problem, state, loss, weight_of, args.steps, adapter_learning_rate(args, d),
@@ -136,7 +137,7 @@ def lora_run(problem, args, merge_every: int | None):
 
 
 def lte_run(problem, args, heads: int):
-  """LTE (methods/lte.py) with `heads` heads of rank r, each on its share of X's rows."""
+  """LTE (training/lte.py) with `heads` heads of rank r, each on its share of X's rows."""
   d = problem.dim
   adapters = {"w": first_adapters(args, heads, d)}
   initial = lte.LTEState(main={"w": {"kernel": jnp.zeros((d, d))}}, heads=adapters,
@@ -154,7 +155,7 @@ def lte_run(problem, args, heads: int):
     merged = lte.merge(state.params["frozen"].replace(heads=state.params["trained"]))
     return state.replace(params={"trained": merged.heads, "frozen": merged})
 
-  hooks = (train.AfterStepHook(args.lte_merge_every, merge),)
+  hooks = (training.AfterStepHook(args.lte_merge_every, merge),)
   state = start(initial.heads, initial, args.seed)
   return descend(problem, state, loss_of_heads, weight_of, args.steps,
                  adapter_learning_rate(args, d), hooks)
@@ -272,7 +273,7 @@ def write_results(arms: dict, args, seconds: float) -> None:
       f"L(W) = `||XW - XW*||^2 / 2n` from W = 0; full-batch gradient descent (optax.sgd), lr "
       f"{args.learning_rate} for W, lr r / (d s^2) = {adapter_learning_rate(args, d):.3g} for "
       f"the adapters (s = alpha / r = {args.alpha / r:g}). Merged LoRA: W += s A B, then B := 0 "
-      "and a fresh orthogonal A. LTE: methods/lte.py's reset-less merge every "
+      "and a fresh orthogonal A. LTE: training/lte.py's reset-less merge every "
       f"{args.lte_merge_every} steps (A_n, B_n kept), head n on the n-th share of the rows. "
       "Floor: the least loss of any W of the update's rank.",
       "",

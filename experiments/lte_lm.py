@@ -6,7 +6,7 @@ trained from scratch on the same tokens, with a heads x rank and a merge-interva
         [--out experiments/results/lte_lm]
 
 Every arm trains the same LLaMA-style model (2 layers of width 64, byte tokenizer, stdlib
-corpus) from the same seed on the same batches, through `train.train_and_evaluate`:
+corpus) from the same seed on the same batches, through `training.train_and_evaluate`:
 
 - full rank: `train.method=standard`;
 - LoRA alone: adapters of rank width / heads (s = alpha / r = 1) on every projection; the
@@ -38,7 +38,7 @@ import jax
 from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.metrics import read_metrics
-from llm_research.train import Trainer, train_and_evaluate, trainable_mask
+from llm_research.training import Trainer, train_and_evaluate, trainable_mask
 from report import header, write
 
 MODEL = dict(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=176)

@@ -36,7 +36,7 @@ from llm_research import data, init_from
 from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.metrics import read_metrics
-from llm_research.train import Trainer, model_config_from, train_and_evaluate
+from llm_research.training import Trainer, model_config_from, train_and_evaluate
 from report import header, write
 
 # A ~0.8M-parameter dense model: 4 layers of width 128.

@@ -7,7 +7,8 @@ naming the paths that differ, with every file left where it was. A checkpoint th
 read (corrupt or partial) is moved aside to `<workdir>/corrupt_checkpoints/<step>` (`<step>.1`,
 ... if the same step was refused before; nothing is deleted) once an older one has restored.
 If none of a workdir's checkpoints can be read, nothing is moved: a `ConfigError` says so and
-what to do. A damaged params checkpoint is a `ConfigError` (pack the run again).
+what to do. A damaged params checkpoint is a `ConfigError` (pack the run again). Readers
+(`Checkpointer(read_only=True)`, `restore_params`) create and move nothing.
 """
 import json
 import logging
@@ -19,16 +20,23 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from etils import epath
 
-from llm_research.config import ConfigError
+from llm_research.errors import ConfigError
 
 
 class Checkpointer:
+  """A run's checkpoints. `read_only` (a reader: sample, pack) changes nothing in the workdir:
+  it creates no `checkpoints/` and moves no unreadable checkpoint aside (it still restores the
+  newest readable one)."""
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True,
+               read_only: bool = False):
     self.workdir = epath.Path(workdir).absolute()  # orbax refuses relative paths
+    self.read_only = read_only
+    # Not orbax's own read_only option: it logs warnings on every open, and create=False is
+    # all a reader needs from it (a reader never saves).
     self.manager = ocp.CheckpointManager(
         self.workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                              enable_async_checkpointing=async_save),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
@@ -97,6 +105,10 @@ class Checkpointer:
     return tree
 
   def _quarantine(self, step: int, error: Exception, *, restored: int) -> None:
+    if self.read_only:
+      print(f"skipping corrupt checkpoint at step {step} ({type(error).__name__}); reading the "
+            f"checkpoint at step {restored}", flush=True)
+      return
     target = self.workdir / "corrupt_checkpoints" / str(step)
     for n in range(1, 1000):  # a step refused before (e.g. corrupted again after a resume)
       if not target.exists():
@@ -185,15 +197,16 @@ def _flat_dict(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-def _params_manager(workdir: str) -> ocp.CheckpointManager:
+def _params_manager(workdir: str, *, create: bool) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints",
-                               item_names=("params",))
+                               item_names=("params",),
+                               options=ocp.CheckpointManagerOptions(create=create))
 
 
 def save_params(workdir: str, step: int, params) -> None:
   """Writes `params` alone (no optimizer state, no data position) as `workdir`'s checkpoint
   `step`, and waits until it is on disk."""
-  manager = _params_manager(workdir)
+  manager = _params_manager(workdir, create=True)
   manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
   manager.wait_until_finished()
   manager.close()
@@ -201,7 +214,7 @@ def save_params(workdir: str, step: int, params) -> None:
 
 def restore_params(workdir: str, abstract_params):
   """(params, step) of `workdir`'s newest params checkpoint, shaped like `abstract_params`."""
-  manager = _params_manager(workdir)
+  manager = _params_manager(workdir, create=False)  # a reader creates nothing
   step = manager.latest_step()
   if step is None:
     manager.close()

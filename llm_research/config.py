@@ -15,14 +15,17 @@ import ml_collections
 
 from llm_research.errors import ConfigError
 from llm_research.models import registry
+from llm_research.training import method as training
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config(model: str = registry.DEFAULT_MODEL) -> ml_collections.ConfigDict:
+  """Every key and its default; `model` names the registered model whose section
+  `config.model` is (`set_model` switches it)."""
   c = ml_collections.ConfigDict()
 
-  # `name` picks the model in llm_research.models.registry; the other keys are the fields of the
-  # registered models' config classes, with their defaults (vocab_size comes from the tokenizer).
-  c.model = ml_collections.ConfigDict(registry.config_section())
+  # `name` picks the model in llm_research.models.registry; the other keys are the fields of
+  # that model's config class, with their defaults (vocab_size comes from the tokenizer).
+  c.model = ml_collections.ConfigDict(registry.config_section(model))
 
   # Data (llm_research.data.pipeline documents each field). source="bytes" is bGPT's raw bytes:
   # byte_dataset "cpu_states" | "abc_to_midi" | "midi_to_abc" | "digits_bmp" | "wav_tones" (local
@@ -44,21 +47,18 @@ def base_config() -> ml_collections.ConfigDict:
       # A new run starts from this workdir's newest params, converted by the surgery the two
       # model configs imply (depth up-scaling, MoE upcycling), with a fresh optimizer.
       init_from="",
-      method="standard",  # or "lte" (LoRA-the-Explorer, llm_research/methods/lte.py: `lte`)
+      # A registered training method (llm_research/training/method.py): "standard", "lte"
+      # (LoRA-the-Explorer); a method's own keys are in the config section named after it.
+      method=training.DEFAULT_METHOD,
 
       log_every=10, eval_every=200, eval_batches=16,
       checkpoint_every=200, keep_checkpoints=3, async_checkpoints=True,
       peak_flops_per_device=0.0,  # 0: look it up by device kind (unknown on CPU: no MFU)
       progress_bar=True))
 
-  # LTE (train.method="lte"): `heads` LoRA heads of rank `rank` (0: the smallest with heads x
-  # rank >= model.embed_dim), s = alpha / rank, merged every `merge_every` steps. The adapters
-  # train at `learning_rate` (0: train.learning_rate / s), the replicas of the other params
-  # (norms, embeddings) at train.learning_rate. `main_dtype` holds the main weights on the
-  # devices (bfloat16: with a float32 master, updated at merges); `mesh_axis` spreads the heads.
-  c.lte = ml_collections.ConfigDict(dict(
-      heads=4, rank=0, alpha=4096.0, merge_every=10, learning_rate=0.0, main_dtype="float32",
-      mesh_axis="data"))
+  # Each registered training method's own section (e.g. `lte`: llm_research/training/lte.py).
+  for name, section in training.config_sections().items():
+    c[name] = ml_collections.ConfigDict(section)
 
   # Mesh axes; one may be -1 (fills the devices left). Rules map logical axes to mesh axes in
   # priority order: a mesh axis already used by an earlier rule in the same array is skipped.
@@ -93,16 +93,32 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   return with_overrides(module.get_config(), overrides)
 
 
+def set_model(config: ml_collections.ConfigDict, name: str) -> None:
+  """Makes `config.model` the section of the registered model `name`, with that model's
+  defaults (nothing of the previous model's section is kept)."""
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict(registry.config_section(name))
+  config.lock()
+
+
 def with_overrides(config: ml_collections.ConfigDict,
                    overrides: Iterable[str]) -> ml_collections.ConfigDict:
-  """A locked copy of `config` with `key=value` overrides applied."""
+  """A locked copy of `config` with `key=value` overrides applied. A `model.name` naming
+  another model comes first: the model section becomes that model's (`set_model`), and the
+  other `model.*` overrides apply to it."""
   config = copy.deepcopy(config)
   config.lock()
+  pairs = []
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:
       raise ConfigError(f"override {item!r} is not of the form key=value")
-    set_key(config, key, value)
+    pairs.append((key, value))
+  for key, value in sorted(pairs, key=lambda pair: pair[0] != "model.name"):  # stable
+    if key == "model.name" and value != config.model.name:
+      set_model(config, value)
+    else:
+      set_key(config, key, value)
   return config
 
 

@@ -4,7 +4,9 @@ A new run (its workdir holds no checkpoint yet) takes the params of the newest c
 `train.init_from`, converted to this run's model by the surgery the two model configs imply,
 and starts at step 0 with a fresh optimizer state (as sparse upcycling and SOLAR do) and the
 data from its start (data.shuffle_seed decides the order). A run that already has checkpoints
-resumes from them and ignores the key. Needs train.method='standard'.
+resumes from them and ignores the key. Either run may have any training method: the source's
+model params are what its method hands to evaluation (an LTE run's main params, merged), and
+this run's method builds its state from the converted params.
 
 The surgery, from what differs between the source run's config.json and this config:
   - model.num_layers n -> 2 (n - m): depth up-scaling with drop m (methods/depth_upscale.py);
@@ -48,6 +50,7 @@ _MOE_SHAPES = ("mlp_impl", "num_experts", "moe_every")
 @dataclasses.dataclass(frozen=True)
 class Source:
   workdir: str
+  config: ml_collections.ConfigDict  # the source run's config.json
   model_config: object  # the source run's registered model config
   step: int  # its newest checkpoint
 
@@ -120,27 +123,26 @@ def _differ(source, target, keys) -> str:
 
 def check(config) -> Source:
   """The source run of `config.train.init_from`, checked against `config` (its config.json,
-  tokenizer, a checkpoint, and the surgery traced on abstract params) without reading any
-  array; a ConfigError of one line otherwise."""
+  model, tokenizer, a checkpoint, and the surgery traced on abstract params) without reading
+  any array; a ConfigError of one line otherwise."""
   workdir = config.train.init_from
   where = f"train.init_from={workdir!r}"
-  method = config.train.get("method", "standard")
-  if method != "standard":
-    raise ConfigError(f"{where}: starting from another run's params needs train.method="
-                      f"'standard', not {method!r}")
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"{where} holds no run: {path} does not exist")
   with open(path) as f:
-    saved = json.load(f)
+    saved = ml_collections.ConfigDict(json.load(f))
+  there, here = saved.model.get("name", registry.DEFAULT_MODEL), config.model.name
+  if there != here:
+    raise ConfigError(f"{where} is a model.name={there!r} run, this one model.name={here!r}: "
+                      "init_from converts between runs of the same model")
   for key in ("tokenizer", "vocab_size"):
-    there, here = saved.get("data", {}).get(key), config.data[key]
+    there, here = saved.data.get(key), config.data[key]
     if there != here and (key == "tokenizer" or config.data.tokenizer != "byte"):
       raise ConfigError(f"{where}: data.{key} is {there!r} there, {here!r} here: the "
                         "tokenizer must be the same")
-  section = {**registry.config_section(), **saved.get("model", {})}
   try:
-    source = registry.model_config(ml_collections.ConfigDict(section), _vocab_size(config))
+    source = registry.model_config(saved.model, _vocab_size(config))
     target = registry.model_config(config.model, _vocab_size(config))
     jax.eval_shape(lambda p: convert(source, target, p, seed=config.train.seed),
                    _abstract_params(source))
@@ -151,7 +153,7 @@ def check(config) -> Source:
   if step is None:
     raise ConfigError(f"{where} has no checkpoint to start from")
   manager.close()
-  return Source(os.path.abspath(workdir), source, step)
+  return Source(os.path.abspath(workdir), saved, source, step)
 
 
 def _abstract_params(model_config, boxed: bool = False):
@@ -161,18 +163,22 @@ def _abstract_params(model_config, boxed: bool = False):
 
 
 def _read_only_manager(workdir: str):
+  """A manager of the source's checkpoints that this module only restores from. Not orbax's
+  read_only option, which logs two warnings per open that tell the user nothing: create=False
+  and no save are all a reader needs (as checkpoints.Checkpointer's readers)."""
   directory = epath.Path(workdir).absolute() / "checkpoints"
   if not directory.is_dir():
     return None
   return ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+                               options=ocp.CheckpointManagerOptions(create=False))
 
 
-def initial_params(source: Source, target, mesh, rules, *, seed: int):
-  """The source's newest params (read sharded over `mesh` as `rules` say), converted to the
-  model `target`."""
-  boxed = _abstract_params(dataclasses.replace(source.model_config,
-                                               vocab_size=target.vocab_size), boxed=True)
+def initial_params(source: Source, source_method, target, mesh, rules, *, seed: int):
+  """The source's newest model params, converted to the model `target`: its state's params,
+  read sharded over `mesh` as `rules` say, then the model params `source_method` (the source
+  run's training method, a llm_research.training.TrainingMethod) hands to evaluation."""
+  boxed = jax.eval_shape(lambda p: source_method.init(p, jax.random.key(0))[0],
+                         _abstract_params(source.model_config, boxed=True))
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           nn.meta.unbox(boxed), shardings)
@@ -188,7 +194,9 @@ def initial_params(source: Source, target, mesh, rules, *, seed: int):
                       f"{lines[0][:200] if lines else ''})") from None
   finally:
     manager.close()
-  params = convert(source.model_config, target, restored.state["params"], seed=seed)
+  with sharding.activate(mesh, rules):
+    params = jax.jit(source_method.model_params)(restored.state["params"])
+  params = convert(source.model_config, target, params, seed=seed)
   difference = shape_difference(params, target)
   if difference:  # convert promises the target's shapes: a bug if not
     raise AssertionError(f"init_from: converted params do not fit the model ({difference})")

@@ -3,6 +3,10 @@
     python -m llm_research.main --config experiments/<name>.py --workdir <dir> \
         [--config.<key>=<value> ...]
 
+Exit status: 0 once the run reached train.steps, 1 for input it cannot use (one `error:` line,
+nothing written), 75 when SIGTERM stopped it after saving its step (re-run the same command to
+resume; a wrapper that reruns until status 0 finishes the run).
+
 Multi-host: every host runs the same command with `--multihost` (TPU pods and SLURM/GPU
 clusters are detected by `jax.distributed.initialize()`), or with an explicit
 `--coordinator_address`, `--num_processes` and `--process_id`.
@@ -72,11 +76,15 @@ def run(args, overrides) -> dict:
     raise config_lib.ConfigError(f"{args.config}: {_locked_key_message(error)}") from None
   initialize_distributed(args)
 
-  from llm_research import sample, train  # after distributed init
+  from llm_research import sample, training  # after distributed init
 
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
         f"processes: {jax.process_count()}")
-  final = train.train_and_evaluate(config, args.workdir)
+  try:
+    final = training.train_and_evaluate(config, args.workdir)
+  except training.Preempted as stopped:  # saved: a rerun resumes; a wrapper sees "not done"
+    print(stopped)
+    sys.exit(training.PREEMPTED_EXIT_STATUS)
   if jax.process_count() == 1 and "eval_loss" in final:  # multi-host: use llm_research.sample
     _, tokenizer, model_config, params, step = sample.load_run(args.workdir)
     if getattr(model_config, "loss_sums", None):  # its own objective (a classifier): no sample
@@ -86,14 +94,15 @@ def run(args, overrides) -> dict:
       return final
     unit = getattr(model_config, "loss_unit", None) or "token"
     bits = final.get(f"eval_bits_per_{unit}")
-    baseline = train.unigram_baseline(config, tokenizer)
+    baseline = training.unigram_baseline(config, tokenizer)
     print(f"step {step}: validation loss {final['eval_loss']:.3f} nats/{unit}"
           + (f" ({bits:.3f} bits/{unit})" if bits is not None else "")
           + f"; unigram baseline {baseline:.3f}")
     if config.sample.max_new_tokens > 0:
-      text = sample.sample_texts(config, tokenizer, model_config, params,
-                                 [config.sample.prompt])[0]
-      print(f"sample:\n{config.sample.prompt}{text}")
+      to_text, show_prompt = sample.display(config, tokenizer)
+      text = sample.sample_texts(config, tokenizer, model_config, params, [config.sample.prompt],
+                                 to_text=to_text)[0]
+      print(f"sample:\n{show_prompt(config.sample.prompt)}{text}")
   return final
 
 

@@ -2,7 +2,9 @@
 
     python -m llm_research.sample --workdir <dir> [--prompt "def "]... [--temperature 0.8]
 
-Defaults come from the run's `config.sample`; several --prompt flags decode as one batch.
+Defaults come from the run's `config.sample`; several --prompt flags decode as one batch. A
+byte model (bGPT, data.source='bytes') takes a prompt's UTF-8 bytes, and its output is printed
+with the bytes a terminal cannot show escaped (\\x00, \\xff).
 """
 import argparse
 import json
@@ -12,36 +14,45 @@ import sys
 import jax
 import ml_collections
 
-from llm_research import data, decode, train
+from llm_research import data, decode, training
 from llm_research.checkpoints import Checkpointer, restore_params
-from llm_research.config import ConfigError
+from llm_research.errors import ConfigError
 from llm_research.methods.ternary_packing import abstract_params
 
 
-def load_run(workdir: str):
-  """(config, tokenizer, model_config, params, step) of the newest good checkpoint in
-  `workdir`: a training run, or an inference run written by `llm_research.pack`."""
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the run in `workdir` (its config.json)."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise ConfigError(f"{workdir!r} holds no run: {config_path} does not exist")
   with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(workdir: str, to: str = "sample from"):
+  """(config, tokenizer, model_config, params, step) of the newest good checkpoint in
+  `workdir`: a training run, or an inference run written by `llm_research.pack`. Only reads
+  the workdir; `to` says in an error what the run was loaded for ("pack")."""
+  config = read_config(workdir)
   tokenizer = data.get_tokenizer(config.data)
-  if config.model.linear_impl == "ternary_packed":  # written by llm_research.pack
-    model_config = train.model_config_from(config, tokenizer.vocab_size)
+  if config.model.get("linear_impl") == "ternary_packed":  # written by llm_research.pack
+    model_config = training.model_config_from(config, tokenizer.vocab_size)
     params, step = restore_params(workdir, abstract_params(model_config))
     return config, tokenizer, model_config, params, step
-  trainer = train.Trainer(config, tokenizer)
-  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  trainer = training.Trainer(config, tokenizer)
+  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, read_only=True)
   state, step = checkpointer.restore_latest(trainer.abstract_state())
   checkpointer.close()
   if state is None:
-    raise ConfigError(f"{workdir!r} has no checkpoint to sample from")
+    raise ConfigError(f"{workdir!r} has no checkpoint to {to}")
   return config, tokenizer, trainer.model_config, trainer.model_params(state), step
 
 
-def sample_texts(config, tokenizer, model_config, params, prompts, **overrides) -> list[str]:
-  """Continuations of `prompts` (strings), with `config.sample` settings unless overridden."""
+def sample_texts(config, tokenizer, model_config, params, prompts, *, to_text=None,
+                 **overrides) -> list[str]:
+  """Continuations of `prompts` (strings), with `config.sample` settings unless overridden;
+  `to_text` (token ids -> str) is the tokenizer's decode unless given."""
+  to_text = to_text or tokenizer.decode
   settings = {**config.sample.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
   # bos first, unless the model starts a sequence itself (bGPT: its beginning-of-sequence patch).
   start = [] if getattr(model_config, "supplies_start", False) else [tokenizer.bos_id]
@@ -55,9 +66,27 @@ def sample_texts(config, tokenizer, model_config, params, prompts, **overrides) 
   # piece of a sequence, which would eat the space between the prompt and its continuation.
   texts = []
   for prompt_ids, tokens in zip(encoded, new):
-    prompt, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + tokens)
-    texts.append(full[len(prompt):] if full.startswith(prompt) else tokenizer.decode(tokens))
+    prompt, full = to_text(prompt_ids), to_text(prompt_ids + tokens)
+    texts.append(full[len(prompt):] if full.startswith(prompt) else to_text(tokens))
   return texts
+
+
+def display(config, tokenizer):
+  """(token ids -> str, prompt -> str) to print a run's samples: a byte model's (bGPT: the
+  bytes of any file, not text) as a terminal can show them (`printable`), text as it is."""
+  if config.data.source != "bytes":
+    return tokenizer.decode, lambda prompt: prompt
+  return (lambda ids: printable(tokenizer.decode_bytes(ids))), (
+      lambda prompt: printable(prompt.encode()))
+
+
+def printable(data: bytes) -> str:
+  """`data` as a terminal can show it: UTF-8 text as it is (newlines and tabs too), but each
+  character a terminal would act on instead of showing (NUL, ESC, ...) and each byte that is
+  not UTF-8 as an escape: \\x00, \\x1b, \\xff."""
+  text = data.decode("utf-8", errors="backslashreplace")
+  return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode()
+                 for c in text)
 
 
 def main(argv=None):
@@ -82,13 +111,14 @@ def main(argv=None):
   try:
     config, tokenizer, model_config, params, step = load_run(args.workdir)
     prompts = args.prompt or [config.sample.prompt]
-    texts = sample_texts(config, tokenizer, model_config, params, prompts,
+    to_text, show_prompt = display(config, tokenizer)
+    texts = sample_texts(config, tokenizer, model_config, params, prompts, to_text=to_text,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
   except ConfigError as error:  # e.g. a run that does not generate (a bGPT classifier)
     sys.exit(f"error: {error}")
   for prompt, text in zip(prompts, texts):
-    print(f"--- step {step}, prompt {prompt!r} ---\n{prompt}{text}")
+    print(f"--- step {step}, prompt {prompt!r} ---\n{show_prompt(prompt)}{text}")
   return texts
 
 

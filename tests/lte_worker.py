@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from llm_research import config as config_lib
-from llm_research import sharding, train
+from llm_research import sharding, training
 from llm_research.data import ByteTokenizer
 
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_config.py")
@@ -37,13 +37,13 @@ def batches(count: int):
 
 
 def flatten(tree, prefix="") -> dict:
-  return {prefix + train.param_path(path): leaf
+  return {prefix + training.param_path(path): leaf
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def run(overrides=(), collectives=False) -> dict:
   config = config_lib.load_config(TINY_CONFIG, [*LTE, *overrides])
-  trainer = train.Trainer(config, ByteTokenizer())
+  trainer = training.Trainer(config, ByteTokenizer())
   state = trainer.init_state()
   result = {}
   if collectives:  # bytes per device outside and inside the merge (a conditional)
@@ -68,7 +68,7 @@ def refusal() -> str:
   config = config_lib.load_config(TINY_CONFIG, ["train.method=lte", "lte.heads=4",
                                                 "mesh.data=8"])
   try:
-    train.checked_mesh(config)
+    training.checked_mesh(config)
   except config_lib.ConfigError as error:
     return str(error)
   return ""

@@ -24,7 +24,7 @@ import optax
 
 from llm_research import config as config_lib
 from llm_research import main as cli
-from llm_research import sharding, train
+from llm_research import sharding, training
 from llm_research.data import ByteTokenizer
 from llm_research.methods.ternary_packing import pack_params
 
@@ -91,12 +91,12 @@ def flatten(tree) -> dict:
 def run(overrides=()) -> dict:
   """Trains STEPS steps under the mesh `overrides` give; numpy results and layouts."""
   config = config_lib.load_config(TINY_CONFIG, overrides)
-  make_optimizer = train.make_optimizer
-  train.make_optimizer = lambda tc: grad_recorder(make_optimizer(tc))
+  make_optimizer = training.standard.make_optimizer
+  training.standard.make_optimizer = lambda tc: grad_recorder(make_optimizer(tc))
   try:
-    trainer = train.Trainer(config, ByteTokenizer())
+    trainer = training.Trainer(config, ByteTokenizer())
   finally:
-    train.make_optimizer = make_optimizer
+    training.standard.make_optimizer = make_optimizer
   state = trainer.init_state()
   first_batch = sharding.shard_batch(next(batches(config, 1)), trainer.mesh, trainer.rules)
   compiled = trainer.lower_step(state, first_batch).compile().as_text()
@@ -125,7 +125,7 @@ def packed_logits(mesh_overrides=()) -> np.ndarray:
   """Logits of a tiny BitNet model packed to 2 bits (the ternary matmul runs per device inside
   shard_map under a mesh), on fixed tokens, under the mesh `mesh_overrides` give."""
   config = config_lib.load_config(TINY_CONFIG, ["model.linear_impl=bitnet", *mesh_overrides])
-  bitnet = train.model_config_from(config, ByteTokenizer.vocab_size)
+  bitnet = training.model_config_from(config, ByteTokenizer.vocab_size)
   tokens = jnp.asarray(np.random.default_rng(2).integers(3, 259, (8, 32)), jnp.int32)
   params = nn.meta.unbox(jax.jit(bitnet.make_model().init)(jax.random.key(0), tokens))["params"]
   packed_config, packed = pack_params(bitnet, jax.device_get(params))
@@ -145,7 +145,7 @@ def dropless_moe_grads(mesh_overrides=()) -> dict:
   from llm_research.models.moe import MoE
   config = config_lib.load_config(TINY_CONFIG, ["model.mlp_impl=moe", "model.num_experts=4",
                                                 *mesh_overrides])
-  layer = MoE(train.model_config_from(config, ByteTokenizer.vocab_size))
+  layer = MoE(training.model_config_from(config, ByteTokenizer.vocab_size))
   x = jnp.asarray(np.random.default_rng(3).normal(size=(8, 32, 32)), jnp.float32)
   probe = jnp.asarray(np.random.default_rng(4).normal(size=(8, 32, 32)), jnp.float32)
   boxed = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]

@@ -1,6 +1,7 @@
 """bGPT (llm_research/models/bgpt.py): byte-level causality across patches, padding outside the
 loss, bits per byte, cached generation and conversion, training and classification fine-tuning
-through the trainer, sharded training equal to one device, and its config errors.
+through the trainer, sharded training equal to one device, its config errors (one line through
+the CLI for bad byte data), the sample CLI's escaped bytes, and pack's refusal of a bGPT run.
 
     pytest -q tests/test_bgpt.py
 
@@ -13,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import sys
 
 import flax.linen as nn
@@ -22,9 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_research import decode, init_from, sample, train
+from test_train import cli_args, snapshot
+from llm_research import decode, init_from, sample, training
 from llm_research.config import ConfigError, base_config, with_overrides
+from llm_research import main as cli
+from llm_research import pack
 from llm_research.data import byte_rows
+from llm_research.data.stdlib_corpus import split_of
+from llm_research.data.tokenizers import RawByteTokenizer
 from llm_research.metrics import read_metrics
 from llm_research.models import bgpt, registry
 from llm_research.models.bgpt import PAD, BgptConfig
@@ -125,8 +132,8 @@ def trained(tmp_path_factory, name: str, labelled: bool, *overrides):
   source = InTestBytes(labelled)
   with pytest.MonkeyPatch.context() as patch:
     for function in ("get_tokenizer", "make_train_iterator", "make_eval_iterator"):
-      patch.setattr(train.data, function, getattr(source, function))
-    train.train_and_evaluate(config, workdir)
+      patch.setattr(training.loop.data, function, getattr(source, function))
+    training.train_and_evaluate(config, workdir)
     assert set(source.patch_sizes) == {SIZE}  # the model's data_options reach the data
     run = sample.load_run(workdir)
   return config, workdir, source, run
@@ -140,8 +147,10 @@ def generative_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory, generative_run):
   _, source_workdir, *_ = generative_run
+  # The in-test rows stand in for a labelled dataset's (a classifier needs one).
   return trained(tmp_path_factory, "bgpt_classifier", True, "model.num_classes=2",
-                 f"train.init_from={source_workdir}", "train.learning_rate=0.003")
+                 "data.byte_dataset=digits_bmp", f"train.init_from={source_workdir}",
+                 "train.learning_rate=0.003")
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -166,7 +175,7 @@ def test_padding_never_enters_the_loss_and_the_loss_is_the_mean_nll_of_real_byte
   cfg = tiny()
   _, params = init(cfg)
   batch = stack(rows(4, 2))
-  losses = jax.jit(lambda p, b: train._batch_losses(p, cfg.make_model(), b, 0.0)[1])
+  losses = jax.jit(lambda p, b: training.batch_losses(p, b, model=cfg.make_model())[1])
   sums = losses(params, batch)
   real = batch["segment_ids"] > 0
   apply, _ = init(cfg)
@@ -242,7 +251,7 @@ def constant_writer(value: int):
   cfg = tiny(tie_embeddings=False)
   _, params = init(cfg)
   def edit(path, x):
-    name = train.param_path(path)
+    name = training.param_path(path)
     if name.endswith(("attn/out/kernel", "mlp/down/kernel")):
       return jnp.zeros_like(x)
     if name in ("patch_decoder/embedding", "byte_decoder/embedding"):
@@ -296,6 +305,18 @@ def test_sampling_a_run_goes_through_bgpts_generation_and_prompts_without_bos(ge
   assert text == tokenizer.decode(new[0])
 
 
+def test_sample_cli_escapes_the_bytes_a_terminal_cannot_show(generative_run, capsys):
+  assert sample.printable(b"ok\x00\tab\n\xff\xe2\x82\xac\x1b[0m\x7f") == (
+      "ok\\x00\tab\n\\xff\u20ac\\x1b[0m\\x7f")  # printable UTF-8, newline and tab kept
+  config, workdir, _, (_, _, model_config, params, _) = generative_run
+  settings = dict(max_new_tokens=8, rng=jax.random.key(config.sample.seed), eos_id=PAD)
+  new = decode.generate(model_config, params, [[1, 97]], **settings)[0]
+  written = RawByteTokenizer.decode_bytes(new)
+  texts = sample.main(["--workdir", workdir, "--prompt", "\x01a"])
+  assert texts == [sample.printable(written)]
+  assert capsys.readouterr().out == f"--- step 6, prompt '\\x01a' ---\n\\x01a{texts[0]}\n"
+
+
 def test_fine_tuning_a_classifier_from_a_generative_run(generative_run, classifier_run):
   """init_from copies the patch decoder, drops the byte decoder and draws a head; the run
   reports accuracy, which matches the argmax of its final model on the eval rows."""
@@ -325,6 +346,50 @@ def test_init_from_refuses_a_changed_patch_size(generative_run):
 
 # ---- config errors -------------------------------------------------------------------------------
 
+def train_only_folder(path) -> str:
+  """A folder of one file, which goes to the train split: its validation split is empty."""
+  path.mkdir()
+  name = next(f"file{i}.bin" for i in range(100) if split_of(f"file{i}.bin") == "train")
+  (path / name).write_bytes(bytes(range(40)))
+  return str(path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.num_classes=10"], "model.num_classes=10 is a classifier, but "
+                               "data.byte_dataset='cpu_states' has no labels"),
+    (["data.byte_dataset=files", "data.byte_dir={train_only}"],
+     "data.byte_dir '{train_only}' has no files in split 'validation'"),
+    (["data.byte_dataset=files", "data.byte_dir={a_file}"],
+     "data.byte_dir '{a_file}' is not a directory"),
+], ids=["classifier-without-labels", "byte-dir-without-validation-files", "byte-dir-is-a-file"])
+def test_bad_byte_data_is_one_line_before_anything_runs(overrides, message, generative_run,
+                                                        tiny_overrides, tmp_path):
+  (tmp_path / "a_file").write_bytes(bytes(range(40)))
+  fill = dict(train_only=train_only_folder(tmp_path / "train_only"),
+              a_file=str(tmp_path / "a_file"))
+  existing_run = shutil.copytree(generative_run[1], tmp_path / "existing_run")
+  before = snapshot(existing_run)
+  for workdir in (existing_run, tmp_path / "new_run"):
+    with pytest.raises(SystemExit) as raised:
+      cli.main(cli_args([*tiny_overrides, *OVERRIDES, *(o.format(**fill) for o in overrides)],
+                        workdir))
+    assert raised.value.code.startswith(f"error: {message.format(**fill)}"), raised.value.code
+    assert "\n" not in raised.value.code
+  assert snapshot(existing_run) == before
+  assert not (tmp_path / "new_run").exists()
+
+
+def test_pack_refuses_a_bgpt_run_by_name(generative_run, tmp_path):
+  _, workdir, _, _ = generative_run
+  before = snapshot(workdir)
+  with pytest.raises(SystemExit) as raised:
+    pack.main(["--workdir", workdir, "--out", str(tmp_path / "packed")])
+  assert raised.value.code == (f"error: {workdir!r}: model.name='bgpt' has no BitNet linear "
+                               "layers to pack")
+  assert snapshot(workdir) == before
+  assert not (tmp_path / "packed").exists()
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(patch_size=0), "model.patch_size=0 must be at least 1"),
     (dict(num_byte_layers=0), "model.num_byte_layers=0 must be at least 1"),
@@ -345,7 +410,7 @@ def test_bad_model_values_name_the_key(bad, message):
 ])
 def test_a_row_length_the_model_cannot_take_is_refused_before_the_run(overrides, message):
   with pytest.raises(ConfigError, match=message):
-    train.check_config_values(with_overrides(base_config(), [*OVERRIDES, *overrides]))
+    training.check_config_values(with_overrides(base_config(), [*OVERRIDES, *overrides]))
 
 
 def test_bad_generation_input_is_refused():
@@ -357,10 +422,11 @@ def test_bad_generation_input_is_refused():
     bgpt.generate(cfg, params, [[1] * 250], max_new_tokens=10)
 
 
-def test_bgpt_keys_join_the_model_section():
-  section = registry.config_section()
-  assert {"patch_size", "num_patch_layers", "num_byte_layers", "max_patches",
-          "num_classes"} <= set(section)
+def test_bgpt_has_its_own_model_section():
+  section = registry.config_section("bgpt")
+  bgpt_only = {"patch_size", "num_patch_layers", "num_byte_layers", "max_patches", "num_classes"}
+  assert bgpt_only <= set(section) and not bgpt_only & set(registry.config_section())
+  assert section["embed_dim"] == bgpt.PRESETS["paper"]["embed_dim"] == 768  # its own default
   assert "num_classes" in registry.shape_keys("bgpt")
 
 
@@ -378,14 +444,14 @@ def sharded_run(mesh_overrides, labelled: bool = False) -> dict:
   mesh: the losses, the final params and the layouts of the WATCHED ones."""
   extra = ["model.num_classes=2"] if labelled else []
   config = with_overrides(base_config(), [*OVERRIDES, *extra, *mesh_overrides])
-  trainer = train.Trainer(config, ByteValues())
+  trainer = training.Trainer(config, ByteValues())
   state = trainer.init_state()
   examples = rows(STEPS * 8, 5, labelled)
   losses = []
   for k in range(STEPS):
     state, metrics = trainer.step(state, stack(examples[8 * k:8 * (k + 1)]))
     losses.append(float(metrics["loss"]))
-  flat = {train.param_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+  flat = {training.param_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
   return {"losses": np.array(losses), **{k: np.asarray(x) for k, x in flat.items()},
           **{f"layout|{k}": np.array(str(flat[k].sharding.spec)) for k in WATCHED if k in flat}}
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_CONFIG
+from test_train import snapshot
 from llm_research import main as train_cli
 from llm_research import pack, sample
 from llm_research.config import base_config
@@ -30,8 +31,9 @@ from llm_research.methods.ternary_packing import (pack_params, pack_ternary, par
                                                   unpack_ternary)
 from llm_research.models import Transformer, TransformerConfig, bitlinear
 from llm_research.models.linear import Linear
-from llm_research.train import (TrainState, learning_rate_schedule, make_optimizer,
-                                train_step, weight_decay_schedule)
+from llm_research.training import (TrainState, learning_rate_schedule, make_optimizer,
+                                   model_objective, train_step)
+from llm_research.training.optimizer import weight_decay_schedule
 
 VOCAB = 61
 # The kernel as the dispatch runs it on this machine: compiled on a GPU, else interpreted.
@@ -456,9 +458,9 @@ def trained():
            "positions": np.broadcast_to(np.arange(16), (8, 16))}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
-  step = jax.jit(lambda s, b: train_step(s, b, model=model, optimizer=optimizer,
-                                         schedule=learning_rate_schedule(tc), grad_accum=1,
-                                         z_loss=0.0))
+  step = jax.jit(lambda s, b: train_step(s, b, objective=model_objective(model),
+                                         optimizer=optimizer,
+                                         schedule=learning_rate_schedule(tc), grad_accum=1))
   losses = []
   for _ in range(tc.steps):
     state, metrics = step(state, batch)
@@ -516,3 +518,19 @@ def test_pack_cli_writes_an_inference_run_that_the_sample_cli_serves(tiny_overri
   shutil.rmtree(os.path.join(out, "checkpoints", "3", "params"))
   with pytest.raises(SystemExit, match="the params checkpoint at step 3 cannot be restored"):
     sample.main(["--workdir", out])
+
+
+def test_pack_cli_refuses_an_out_file_and_a_run_without_checkpoints_creating_nothing(
+    tiny_config, tmp_path):
+  run, a_file, out = tmp_path / "bitnet_run", tmp_path / "a_file", tmp_path / "packed_run"
+  run.mkdir()
+  (run / "config.json").write_text(tiny_config("model.linear_impl=bitnet").to_json_best_effort())
+  a_file.write_text("a file")
+  before = snapshot(tmp_path)
+  for args, message in [
+      (["--out", str(a_file)], f"--out {str(a_file)!r} is a file: give a new directory"),
+      (["--out", str(out)], f"{str(run)!r} has no checkpoint to pack")]:
+    with pytest.raises(SystemExit) as raised:
+      pack.main(["--workdir", str(run), *args])
+    assert raised.value.code == f"error: {message}"
+  assert snapshot(tmp_path) == before  # no checkpoints/ in the source run, no --out

@@ -26,7 +26,8 @@ from llm_research.kernels.flash_attention import (FLASH_RESIDUAL_NAMES, Attentio
                                                   KernelBlocks, flash_attention,
                                                   flash_attention_reference, masked_attention)
 from llm_research.models import Transformer, TransformerConfig
-from llm_research.train import TrainState, learning_rate_schedule, make_optimizer, train_step
+from llm_research.training import (TrainState, learning_rate_schedule, make_optimizer,
+                                   model_objective, train_step)
 
 # The kernels' float32 dots run at the backend's default precision (kernel module docstring).
 # CPU: float32, measured ~1e-6. GPU: TF32, each operand rounded to a 10-bit mantissa, i.e. a
@@ -373,9 +374,9 @@ def test_training_with_pallas_attention_matches_xla():
     optimizer = make_optimizer(tc)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
-    step = jax.jit(functools.partial(train_step, model=Transformer(config(impl)),
-                                     optimizer=optimizer, schedule=learning_rate_schedule(tc),
-                                     grad_accum=1, z_loss=0.0))
+    step = jax.jit(functools.partial(
+        train_step, objective=model_objective(Transformer(config(impl))), optimizer=optimizer,
+        schedule=learning_rate_schedule(tc), grad_accum=1))
     metrics = []
     for _ in range(2):
       state, step_metrics = step(state, batch)

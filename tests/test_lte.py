@@ -1,4 +1,4 @@
-"""LoRA merge and LTE (LoRA-the-Explorer, llm_research/methods/lte.py).
+"""LoRA merge and LTE (LoRA-the-Explorer, llm_research/training/lte.py).
 
 LoRA: merging keeps a dense model's function (and for BitNet folds the adapters into the latent
 weights); A's init is LTE's orthogonal one. LTE: a merge moves every head to the heads' mean
@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 from llm_research import main as cli
-from llm_research import sample, train
+from llm_research import sample, training
 from llm_research.config import ConfigError
 from llm_research.data import ByteTokenizer
-from llm_research.methods import lora, lte
+from llm_research.methods import lora
+from llm_research.training import lte
 from llm_research.models import TransformerConfig
 from llm_research.models.linear import Linear, LoRA
 from test_seams import random_batch
@@ -75,7 +76,7 @@ def test_merged_dense_model_computes_the_adapted_models_function(scan):
   cfg, params = adapted_model(scan=scan)
   merged_cfg, merged = lora.merge(cfg, params)
   assert merged_cfg == dataclasses.replace(cfg, lora_rank=0)
-  assert not any("lora" in train.param_path(p) for p, _ in
+  assert not any("lora" in training.param_path(p) for p, _ in
                  jax.tree_util.tree_leaves_with_path(merged))
   want = logits(cfg, params)
   without_adapters = logits(merged_cfg, lora.merge_params(params, 0.0))
@@ -235,11 +236,11 @@ def test_one_head_trains_like_lora_on_a_frozen_w_step_for_step(tiny_config):
   """N = 1, merges at steps 2 and 4: the same losses as ordinary LoRA (W frozen, adapters,
   embedding and norms trained, one learning rate, no clipping), and the same merged model."""
   config = tiny_config(*lte_overrides("lte.heads=1", "lte.merge_every=2"))
-  trainer = train.Trainer(config, ByteTokenizer())
+  trainer = training.Trainer(config, ByteTokenizer())
   state = trainer.init_state()
   lora_config = tiny_config("model.lora_rank=4", "model.lora_alpha=32", "train.grad_clip=0",
                             "train.trainable=lora_|embedding|scale")
-  lora_trainer = train.Trainer(lora_config, ByteTokenizer())
+  lora_trainer = training.Trainer(lora_config, ByteTokenizer())
   lora_state = lora_trainer.init_state()
 
   def with_lte_start(node, main, heads):  # W, replicas and A_0 from the LTE state
@@ -268,7 +269,7 @@ def test_one_head_trains_like_lora_on_a_frozen_w_step_for_step(tiny_config):
 
 def test_each_head_learns_from_its_own_share_of_the_batch_only(tiny_config):
   config = tiny_config(*LTE_RUN)  # 4 heads; the programs of the CLI runs below
-  trainer = train.Trainer(config, ByteTokenizer())
+  trainer = training.Trainer(config, ByteTokenizer())
   batch = random_batch(0, rows=8, length=32)
   changed = {k: v.copy() for k, v in batch.items()}
   changed["inputs"][4:6] = random_batch(1, rows=2, length=32)["inputs"]  # head 2's rows
@@ -296,13 +297,13 @@ def test_each_head_learns_from_its_own_share_of_the_batch_only(tiny_config):
     (["lte.main_dtype=float16"], "lte.main_dtype='float16' is not one of"),
     (["lte.heads=2", "train.grad_accum=8"], "a head's share of train.batch_size=8 / lte.heads=2"
                                             " = 4 rows cannot be split into train.grad_accum=8"),
-    (["train.method=lora"], "train.method='lora' is not one of ('standard', 'lte')"),
+    (["train.method=lora"], "train.method='lora' is not one of ('standard', 'lte'"),
 ])
 def test_bad_lte_settings_are_one_line_naming_the_key(overrides, message, tiny_config):
-  config = tiny_config("train.method=lte", *overrides)
   with pytest.raises(ConfigError) as raised:
-    train.check_config_values(config)
-    train.checked_mesh(config)
+    config = tiny_config("train.method=lte", *overrides)
+    training.check_config_values(config)
+    training.checked_mesh(config)
   assert str(raised.value).startswith(message), raised.value
   assert "\n" not in str(raised.value)
 
@@ -310,7 +311,7 @@ def test_bad_lte_settings_are_one_line_naming_the_key(overrides, message, tiny_c
 def test_lte_on_a_model_without_lora_is_refused(tiny_config):
   # "toy" (registered by test_seams, imported above): its Linear layers take no adapters.
   with pytest.raises(ConfigError, match="model.name='toy' has no LoRA adapters"):
-    train.check_config_values(tiny_config("train.method=lte", "model.name=toy"))
+    training.check_config_values(tiny_config("train.method=lte", "model.name=toy"))
 
 
 def test_lte_run_resumes_exactly_after_sigterm_between_merges(tiny_overrides, tmp_path,
@@ -327,7 +328,7 @@ def test_lte_run_resumes_exactly_after_sigterm_between_merges(tiny_overrides, tm
     if step == 3:  # after the merge at 2: the checkpoint's heads differ from their merged values
       os.kill(os.getpid(), signal.SIGTERM)
 
-  with monkeypatch.context() as patch:
+  with monkeypatch.context() as patch, pytest.raises(SystemExit):
     first = StepCounter(patch, preempt)
     cli.main(args)
   assert first.steps == [1, 2, 3] and checkpoint_steps(workdir) == [3]
@@ -381,3 +382,53 @@ def test_heads_over_8_devices_match_one_device_and_talk_only_when_merging(tmp_pa
   assert collectives["merge"] == param_bytes
   assert summary["refusal"].startswith("lte.heads=4 do not fit the mesh axis "
                                        "lte.mesh_axis='data' of 8 devices")
+
+
+# ---- A's init: no LAPACK QR (issue 20, item 1) ------------------------------------------------
+
+# Four pairs of inits at the quickstart's sizes ([LTE heads x layers, fan_in, rank]) in one jit,
+# on at most 2 CPUs: with jnp.linalg.qr (jaxlib 0.10's batched LAPACK on XLA's intra-op pool)
+# this hung every time on 2 cores; one pair only sometimes.
+_CONCURRENT_INITS = """
+import os
+if hasattr(os, "sched_setaffinity"):  # XLA's CPU pool has a thread per CPU the process may use
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+import jax
+from llm_research.models.linear import orthogonal_adapter_init
+shapes = [(4, 256, 64), (4, 704, 64)] * 4
+init_all = jax.jit(lambda key: [orthogonal_adapter_init(k, s)
+                                for k, s in zip(jax.random.split(key, len(shapes)), shapes)])
+print([a.shape for a in jax.block_until_ready(init_all(jax.random.key(0)))])
+"""
+
+
+def test_orthogonal_adapter_inits_in_one_jit_do_not_deadlock():
+  """`train.method=lte` hung in step 1 on 2 cores: every pool thread blocked in a batched LAPACK
+  QR waiting for batch chunks queued behind itself. A subprocess, so that a hang fails."""
+  import subprocess
+  import sys
+  try:
+    done = subprocess.run([sys.executable, "-c", _CONCURRENT_INITS], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  except subprocess.TimeoutExpired:
+    pytest.fail("orthogonal_adapter_init: 8 inits in one jit still running after 120 s "
+                "(the LAPACK QR thread-pool deadlock)")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "(4, 704, 64)" in done.stdout
+
+
+def test_orthogonal_adapter_init_is_jax_orthogonal_without_a_linalg_custom_call():
+  """The same draws as nn.initializers.orthogonal (a Gaussian's QR, R's diagonal positive) to
+  rounding, both ways round (rank below and above fan_in), with nothing in the compiled init
+  that calls out to LAPACK (or any custom call that could wait on XLA's thread pool)."""
+  import math
+  from llm_research.models.linear import orthogonal_adapter_init
+  for shape in [(3, 4, 8, 5), (2, 3, 6), (2, 96, 32)]:
+    key = jax.random.key(sum(shape))
+    fan_in, rank = math.prod(shape[1:-1]), shape[-1]
+    reference = nn.initializers.orthogonal(scale=math.sqrt(fan_in / rank))
+    want = jax.vmap(lambda k: reference(k, (fan_in, rank), jnp.float32))(  # eager: one QR at a time
+        jax.random.split(key, shape[0])).reshape(shape)
+    init = jax.jit(orthogonal_adapter_init, static_argnums=1)
+    np.testing.assert_allclose(init(key, shape), want, atol=2e-6 * math.sqrt(fan_in / rank))
+    assert "custom_call" not in init.lower(key, shape).as_text()

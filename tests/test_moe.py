@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from llm_research import train
+from llm_research import training
 from llm_research.models import Transformer, TransformerConfig
 from llm_research.models import moe
 from llm_research.models.stack import AUX_LOSS, METRICS, collect_aux_losses
@@ -258,10 +258,11 @@ def test_aux_losses_and_dropped_tokens_reach_the_train_metrics(every_other_param
            "segment_ids": jnp.ones((rows, length), jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(length), (rows, length))}
   optimizer = optax.sgd(0.0)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
-  step = jax.jit(lambda s, b: train.train_step(
-      s, b, model=model, optimizer=optimizer, schedule=lambda _: 0.0, grad_accum=2, z_loss=0.0))
+  state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
+  step = jax.jit(lambda s, b: training.train_step(
+      s, b, objective=training.model_objective(model), optimizer=optimizer,
+      schedule=lambda _: 0.0, grad_accum=2))
   _, metrics = step(state, batch)
   assert float(metrics["aux_loss/load_balance"]) == pytest.approx(0.1 * layers, rel=1e-5)
   assert float(metrics["aux_loss/router_z_loss"]) == pytest.approx(

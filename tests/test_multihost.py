@@ -19,7 +19,7 @@ import portpicker
 import pytest
 
 from conftest import TINY_CONFIG
-from llm_research import data, train
+from llm_research import data, training
 from llm_research.metrics import read_metrics
 
 NUM_PROCESSES = 2
@@ -88,7 +88,7 @@ def one_process_reference(config, monkeypatch) -> dict:
       [data.pipeline.make_eval_iterator(data_config, tokenizer, process_index=i, **kwargs)
        for i in range(NUM_PROCESSES)], rows_each, data_config.seq_len))
 
-  trainer = train.Trainer(config, tokenizer)
+  trainer = training.Trainer(config, tokenizer)
   state, records = trainer.init_state(), {}
   for step in range(1, tc.steps + 1):
     state, metrics = trainer.step(state, next(batches))

@@ -6,7 +6,10 @@ remat that keeps the flash-attention residuals, and an import graph without circ
 import ast
 import dataclasses
 import functools
+import json
+import os
 import pathlib
+import signal
 
 import flax.linen as nn
 import jax
@@ -15,13 +18,15 @@ import numpy as np
 import optax
 import pytest
 
-from llm_research import decode, sample, train
+from llm_research import decode, sample, training
 from llm_research.data import ByteTokenizer
+from llm_research.errors import ConfigError
 from llm_research.metrics import read_metrics
 from llm_research.models import Transformer, TransformerConfig, registry
+from llm_research.models import bgpt as bgpt_module
 from llm_research.models.linear import Linear, LoRA
 from llm_research.models import stack
-from llm_research.models.stack import decoder_stack, sow_aux_loss
+from llm_research.models.stack import decoder_stack, sow_aux_loss, sow_metric
 
 AUX_WEIGHT = 1e-2
 
@@ -37,6 +42,8 @@ class ToyBlock(nn.Module):
   def __call__(self, x, positions, segment_ids):
     h = self.config.linear_layer(name="mix")(x)
     sow_aux_loss(self, "toy_l2", AUX_WEIGHT * jnp.mean(jnp.square(h)))
+    if self.has_rng("dropout"):  # in training: the step's key, one per layer (a stand-in)
+      sow_metric(self, "dropout_draw", jax.random.uniform(self.make_rng("dropout")))
     return x + jnp.tanh(h)
 
 
@@ -58,7 +65,7 @@ class Toy(nn.Module):
 @registry.register("toy")
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
-  """A second model: fields shared with the transformer only, so no config key is added."""
+  """A second model: its config section holds its fields alone (shared names included)."""
 
   vocab_size: int
   num_layers: int = 3
@@ -100,7 +107,7 @@ def toy_run(tiny_overrides, tmp_path_factory):
                                      "model.embed_dim=16", "train.peak_flops_per_device=1e12",
                                      "train.learning_rate=0.05"])
   workdir = str(tmp_path_factory.mktemp("toy_run"))
-  train.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   return config, workdir
 
 
@@ -137,10 +144,10 @@ def test_aux_loss_sown_in_scanned_blocks_is_summed_into_the_objective():
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
            "segment_ids": jnp.ones_like(tokens), "positions": jnp.zeros_like(tokens)}
   optimizer = optax.sgd(0.1)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
-  _, metrics = train.train_step(state, batch, model=model, optimizer=optimizer,
-                                schedule=lambda step: 0.1, grad_accum=1, z_loss=0.0)
+  state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
+  _, metrics = training.train_step(state, batch, objective=training.model_objective(model),
+                                   optimizer=optimizer, schedule=lambda step: 0.1, grad_accum=1)
   logits, aux = toy_forward_numpy(params, np.asarray(tokens))
   assert float(metrics["aux_loss/toy_l2"]) == pytest.approx(aux, rel=1e-5)
   log_probs = jax.nn.log_softmax(logits)
@@ -149,14 +156,87 @@ def test_aux_loss_sown_in_scanned_blocks_is_summed_into_the_objective():
   assert float(metrics["loss"]) == pytest.approx(nll, rel=1e-5)
 
 
-def test_the_base_config_gains_no_key_from_a_model_that_shares_the_transformers_fields():
-  from llm_research.config import base_config
-  others = {f.name for name, cls in registry.MODELS.items() if name != "toy"
-            for f in dataclasses.fields(cls) if f.name != "vocab_size"}
-  assert set(base_config().model) == {"name"} | others
+def test_each_model_has_its_own_config_section_with_its_own_defaults(tiny_config):
+  from llm_research.config import base_config, with_overrides
+  fields = lambda cls: {f.name: f.default for f in dataclasses.fields(cls)
+                        if f.name != "vocab_size"}
+  assert base_config().model.to_dict() == {"name": "transformer", **fields(TransformerConfig)}
+  assert base_config("toy").model.to_dict() == {"name": "toy", **fields(ToyConfig)}
+  # On the command line: the named model's defaults, whatever the experiment set for another
+  # model (the tiny config's transformer sizes), and the other model.* keys apply to it,
+  # whatever their order.
+  config = tiny_config("model.num_layers=5", "model.name=toy")
+  assert config.model.to_dict() == {"name": "toy", **fields(ToyConfig), "num_layers": 5}
+  bgpt = with_overrides(base_config(), ["model.name=bgpt"]).model
+  assert bgpt.embed_dim == bgpt_module.BgptConfig.embed_dim != TransformerConfig.embed_dim
+  with pytest.raises(ValueError, match="unknown config key 'model.mlp_dim': model has no"):
+    tiny_config("model.name=toy", "model.mlp_dim=8")  # a transformer key, not the toy's
   assert registry.shape_keys("toy") == ()
   with pytest.raises(ValueError, match="model.name='nope' is not a registered model"):
-    registry.model_config({"name": "nope"}, 10)
+    tiny_config("model.name=nope")
+
+
+# ---- a training method plugs in ------------------------------------------------------------------
+
+@training.register("toy_method")
+class ToyMethod(training.Standard):
+  """Standard training on the model's loss plus `toy_method.weight` x the params' squared norm
+  per token, logged as aux_loss/toy_weight_l2: a method is one file and a config section."""
+
+  config_section = {"weight": 0.0}
+
+  @classmethod
+  def check_config(cls, config, model_config):
+    if config.toy_method.weight < 0:
+      raise ConfigError(f"toy_method.weight={config.toy_method.weight!r} must not be negative")
+
+  def objective(self, params, batch, rng):
+    value, sums = super().objective(params, batch, rng)
+    l2 = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
+    penalty = self.config.toy_method.weight * l2 * sums["count"]
+    return value + penalty, {**sums, "aux_loss/toy_weight_l2": penalty}
+
+
+def test_a_method_registered_in_a_test_file_trains_checkpoints_and_resumes(
+    tiny_overrides, tmp_path, monkeypatch):
+  """The toy method on the toy model through train_and_evaluate: its section is in the config
+  and config.json, its checks run first, its objective trains; stopped by SIGTERM at step 2 and
+  run again, it repeats the uninterrupted run exactly, the step keys (the model's "dropout"
+  stream) included: a new key every step, the same ones after resuming."""
+  from llm_research.config import load_config
+  from conftest import TINY_CONFIG
+  overrides = [*tiny_overrides, "model.name=toy", "train.method=toy_method",
+               "toy_method.weight=0.001"]
+  with pytest.raises(ConfigError, match="toy_method.weight=-1.0 must not be negative"):
+    training.train_and_evaluate(load_config(TINY_CONFIG, [*overrides, "toy_method.weight=-1"]),
+                                str(tmp_path / "refused"))
+  assert not (tmp_path / "refused").exists()
+
+  config = load_config(TINY_CONFIG, overrides)
+  training.train_and_evaluate(config, str(tmp_path / "reference"))
+  real_step = training.Trainer.step
+
+  def step_then_sigterm_at_2(trainer, state, batch):
+    state, metrics = real_step(trainer, state, batch)
+    if int(state.step) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return state, metrics
+
+  with monkeypatch.context() as patch, pytest.raises(training.Preempted):
+    patch.setattr(training.Trainer, "step", step_then_sigterm_at_2)
+    training.train_and_evaluate(config, str(tmp_path / "run"))
+  assert [r["step"] for r in read_metrics(str(tmp_path / "run"))] == [1, 2]
+  training.train_and_evaluate(config, str(tmp_path / "run"))
+
+  reference, resumed = (read_metrics(str(tmp_path / name)) for name in ("reference", "run"))
+  keys = ("loss", "aux_loss/toy_weight_l2", "dropout_draw", "eval_loss")
+  assert [{k: r.get(k) for k in keys} for r in resumed] == [
+      {k: r.get(k) for k in keys} for r in reference]
+  draws = [r["dropout_draw"] for r in reference]
+  assert len(set(draws)) == len(draws) == 6  # every step its own key
+  assert all(r["aux_loss/toy_weight_l2"] > 0 for r in reference)
+  with open(tmp_path / "run" / "config.json") as f:
+    assert json.load(f)["toy_method"] == {"weight": 0.001}
 
 
 # ---- linear layers compose ----------------------------------------------------------------------
@@ -187,7 +267,7 @@ def lora_trainer():
       "model.head_dim=16", "model.mlp_dim=48", "model.lora_rank=4",
       "model.linear_impl=bitnet", "data.seq_len=16", "train.batch_size=4",
       "train.warmup_steps=0", "train.learning_rate=0.01", "train.trainable=/lora_[ab]$"])
-  return train.Trainer(config, ByteTokenizer())
+  return training.Trainer(config, ByteTokenizer())
 
 
 def random_batch(seed, rows=4, length=16):
@@ -205,7 +285,7 @@ def test_frozen_params_keep_their_values_and_have_no_optimizer_state(lora_traine
   for seed in range(2):
     state, metrics = lora_trainer.step(state, random_batch(seed))
   after = jax.device_get(state.params)
-  flat = lambda tree: {train.param_path(p): x for p, x in
+  flat = lambda tree: {training.param_path(p): x for p, x in
                        jax.tree_util.tree_leaves_with_path(tree)}
   changed = {k for k, v in flat(after).items() if not np.array_equal(v, flat(before)[k])}
   assert changed and all("lora_" in k for k in changed)
@@ -220,8 +300,8 @@ def test_frozen_params_keep_their_values_and_have_no_optimizer_state(lora_traine
 def test_after_step_hook_runs_at_its_interval_inside_the_step(lora_trainer):
   set_scale = lambda s: s.replace(params={**s.params, "final_norm": {
       "scale": jnp.full_like(s.params["final_norm"]["scale"], s.step.astype(jnp.float32))}})
-  trainer = train.Trainer(lora_trainer.config, ByteTokenizer(),
-                          hooks=(train.AfterStepHook(2, set_scale),))
+  trainer = training.Trainer(lora_trainer.config, ByteTokenizer(),
+                          hooks=(training.AfterStepHook(2, set_scale),))
   state = trainer.init_state()
   scales = []
   for seed in range(4):
@@ -263,27 +343,28 @@ def test_remat_does_not_rerun_the_attention_forward_kernel(policy, impl, monkeyp
 
 # ---- no import circles ---------------------------------------------------------------------------
 
-def test_the_package_has_no_import_cycles():
-  """Module-level imports between llm_research modules (TYPE_CHECKING ones too) form a DAG.
-  (A package's __init__ is not counted as a dependency of its own submodules.)"""
-  root = pathlib.Path(train.__file__).parent
+def import_cycles(top: pathlib.Path) -> list[str]:
+  """The modules of `top`/llm_research and `top`/kernels (as llm_research.kernels) that reach
+  themselves through imports, counting every import at module level or inside a function or
+  class (TYPE_CHECKING ones too). A package's __init__ is not counted as a dependency of its
+  own submodules."""
   modules = {}
-  for path in list(root.rglob("*.py")) + list((root.parent / "kernels").glob("*.py")):
-    parts = path.relative_to(root.parent).with_suffix("").parts
+  for path in list((top / "llm_research").rglob("*.py")) + list((top / "kernels").glob("*.py")):
+    parts = path.relative_to(top).with_suffix("").parts
     name = ".".join(("llm_research",) + parts if parts[0] == "kernels" else parts)
     modules[name.removesuffix(".__init__")] = path
   graph = {}
   for name, path in modules.items():
     deps = set()
-    for node in ast.parse(path.read_text()).body:
-      nodes = [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
-      for imp in nodes if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []:
-        if isinstance(imp, ast.Import):
-          names = [a.name for a in imp.names]
-        else:  # `from package import module` needs the module; `from module import name` it
-          names = [f"{imp.module}.{a.name}" if f"{imp.module}.{a.name}" in modules
-                   else imp.module for a in imp.names]
-        deps |= {n for n in names if n in modules and n != name}
+    for imp in ast.walk(ast.parse(path.read_text())):
+      if isinstance(imp, ast.Import):
+        names = [a.name for a in imp.names]
+      elif isinstance(imp, ast.ImportFrom):  # `from package import module` needs the module
+        names = [f"{imp.module}.{a.name}" if f"{imp.module}.{a.name}" in modules
+                 else imp.module for a in imp.names]
+      else:
+        continue
+      deps |= {n for n in names if n in modules and n != name}
     graph[name] = deps
 
   @functools.cache
@@ -291,5 +372,31 @@ def test_the_package_has_no_import_cycles():
     return any(d == target or (d not in seen and reaches(d, target, seen | {d}))
                for d in graph[start])
 
-  cycles = sorted(name for name in graph if reaches(name, name))
-  assert not cycles, cycles
+  return sorted(name for name in graph if reaches(name, name))
+
+
+def test_the_package_has_no_import_cycles():
+  """No module imports one that imports it back, directly or through others."""
+  assert import_cycles(pathlib.Path(training.__file__).parents[2]) == []
+
+
+def test_import_cycles_are_found_inside_functions_and_through_private_names(tmp_path):
+  """The cycles this repository once had: a method imported inside a function of the module
+  it builds on (train.py <-> methods/lte.py), and a kernel importing private helpers of the
+  file that dispatches to it (flash_attention.py <-> flash_attention_tpu.py)."""
+  files = {
+      "llm_research/__init__.py": "",
+      "llm_research/train.py": "def method_class():\n  from llm_research.methods import lte\n",
+      "llm_research/methods/__init__.py": "",
+      "llm_research/methods/lte.py": "from llm_research import train\n",
+      "llm_research/other.py": "from llm_research import train\n",
+      "kernels/flash_attention.py": "def dispatch():\n"
+                                    "  from llm_research.kernels import flash_attention_tpu\n",
+      "kernels/flash_attention_tpu.py": "from llm_research.kernels.flash_attention import _dot\n",
+  }
+  for name, text in files.items():
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(text)
+  assert import_cycles(tmp_path) == [
+      "llm_research.kernels.flash_attention", "llm_research.kernels.flash_attention_tpu",
+      "llm_research.methods.lte", "llm_research.train"]

@@ -17,7 +17,7 @@ from conftest import TINY_CONFIG
 from test_moe import logits_fn, random_params
 from test_train import snapshot
 from llm_research import main as cli
-from llm_research import train
+from llm_research import training
 from llm_research.config import load_config
 from llm_research.errors import ConfigError
 from llm_research.init_from import convert
@@ -183,7 +183,7 @@ def run_cli(tiny_overrides, workdir, *overrides):
 def run(tiny_overrides, workdir, *overrides):
   """train_and_evaluate, as the CLI calls it (without its sampling and unigram baseline)."""
   config = load_config(TINY_CONFIG, [*tiny_overrides, *QUICK, *overrides])
-  return train.train_and_evaluate(config, str(workdir))
+  return training.train_and_evaluate(config, str(workdir))
 
 
 def restore_params(workdir):
@@ -243,6 +243,26 @@ def test_init_from_depth_upscales_and_upcycles_in_one_go(dense_run, tiny_overrid
                                     source["layers"]["attn"]["out"]["kernel"][j])
     np.testing.assert_array_equal(layers["layer_1"]["mlp"]["down"]["kernel"][block, 2],
                                   source["layers"]["mlp"]["down"]["kernel"][1])
+
+
+LTE = ["train.method=lte", "lte.heads=2", "lte.rank=4", "lte.merge_every=2"]
+
+
+def test_init_from_goes_from_and_to_an_lte_run(dense_run, tiny_overrides, tmp_path):
+  """An LTE run from a dense run, and a dense run from that LTE run, at a learning rate of 0:
+  each evaluates what its source evaluated last (the same model params: a dense run's, or an
+  LTE run's main params with the heads merged in)."""
+  lte_start, lte_run, back = tmp_path / "lte_start", tmp_path / "lte", tmp_path / "back"
+  run(tiny_overrides, lte_start, f"train.init_from={dense_run}", *LTE, *STEP_0)
+  (dense_last,), (lte_first,) = read_metrics(dense_run)[-1:], read_metrics(str(lte_start))
+  assert lte_first["eval_loss"] == pytest.approx(dense_last["eval_loss"], rel=1e-6)
+  # An LTE run that learnt something (3 steps: its heads hold an update the last merge, at
+  # step 2, did not), then a standard run from its main params with the heads merged in.
+  run(tiny_overrides, lte_run, f"train.init_from={dense_run}", *LTE, "train.steps=3")
+  run(tiny_overrides, back, f"train.init_from={lte_run}", *STEP_0)
+  (lte_last,), (back_first,) = read_metrics(str(lte_run))[-1:], read_metrics(str(back))
+  assert lte_last["step"] == 3 and lte_last["eval_loss"] != lte_first["eval_loss"]
+  assert back_first["eval_loss"] == pytest.approx(lte_last["eval_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("overrides, message", [

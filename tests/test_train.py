@@ -21,6 +21,7 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -28,9 +29,10 @@ import pytest
 from conftest import TESTS_DIR, TINY_CONFIG
 from sharding_worker import grad_recorder
 from llm_research import main as cli
-from llm_research import sample, train
+from llm_research import sample, training
+from llm_research.data.stdlib_corpus import split_of
 from llm_research.metrics import peak_flops_per_device, read_metrics
-from llm_research.models import Transformer
+from llm_research.models import Transformer, registry
 
 # Every metric the tiny run computes that must repeat exactly on resumption (timings aside).
 TRAJECTORY_KEYS = ("loss", "grad_norm", "learning_rate", "eval_loss")
@@ -61,12 +63,14 @@ def checkpoint_steps(workdir) -> list[int]:
 
 
 def snapshot(workdir) -> dict:
-  """relative path -> sha256 of every file below `workdir`."""
+  """relative path -> sha256 of every file below `workdir`, or "folder" (an empty one too)."""
   files = {}
   for path in sorted(glob.glob(os.path.join(workdir, "**"), recursive=True)):
     if os.path.isfile(path):
       with open(path, "rb") as f:
         files[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+    elif os.path.isdir(path):
+      files[os.path.relpath(path, workdir)] = "folder"
   return files
 
 
@@ -93,7 +97,7 @@ class StepCounter:
 
   def __init__(self, monkeypatch, hook=None):
     self.steps = []
-    real_step = train.Trainer.step
+    real_step = training.Trainer.step
 
     def step(trainer, state, batch):
       new_state, metrics = real_step(trainer, state, batch)
@@ -102,7 +106,7 @@ class StepCounter:
         hook(self.steps[-1])
       return new_state, metrics
 
-    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.setattr(training.Trainer, "step", step)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +155,9 @@ def test_sigterm_then_rerun_continues_the_same_trajectory(reference_run, tiny_ov
 
   with monkeypatch.context() as patch:
     first = StepCounter(patch, preempt)
-    cli.main(args)
+    with pytest.raises(SystemExit) as stopped:
+      cli.main(args)
+  assert stopped.value.code == training.PREEMPTED_EXIT_STATUS == 75  # not 0: not finished
   assert first.steps == [1, 2]
   assert "stopped by SIGTERM; saved step 2" in capsys.readouterr().out
   assert checkpoint_steps(workdir) == [2]  # checkpoint_every=3: step 2 is the SIGTERM save
@@ -160,6 +166,7 @@ def test_sigterm_then_rerun_continues_the_same_trajectory(reference_run, tiny_ov
   second = StepCounter(monkeypatch)
   cli.main(args)
   assert second.steps == [3, 4, 5, 6]
+  assert f"resuming {workdir} from its checkpoint at step 2" in capsys.readouterr().out
   assert_same_trajectory(workdir, reference)
   assert checkpoint_steps(workdir) == [2, 3, 6]
   records = {r["step"]: r for r in read_metrics(workdir)}
@@ -176,7 +183,7 @@ def test_relative_workdir_trains_saves_and_resumes(reference_run, tiny_overrides
     if step == 2:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  with monkeypatch.context() as patch:
+  with monkeypatch.context() as patch, pytest.raises(SystemExit):
     StepCounter(patch, preempt)
     cli.main(args)
   assert "stopped by SIGTERM; saved step 2" in capsys.readouterr().out
@@ -235,6 +242,9 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_run_resumes_from_previous(
   for damage, moved_to in [(damage_array_data, "6"), (delete_metadata, "6.1")]:
     damage(newest)
     damaged_files = snapshot(newest)
+    before = snapshot(workdir)
+    assert sample.load_run(workdir)[-1] == 3  # a reader (sample, pack) reads the older one
+    assert snapshot(workdir) == before  # and moves nothing
     counter.steps.clear()
     cli.main(args)
     out = capsys.readouterr().out
@@ -270,8 +280,8 @@ def test_no_readable_checkpoint_is_an_error_and_moves_nothing(reference_run, tin
 def test_grad_accumulation_gives_the_same_loss_gradients_and_update(tiny_config):
   config = tiny_config("train.warmup_steps=0")  # a nonzero learning rate at step 0
   vocab = 259
-  model = Transformer(train.model_config_from(config, vocab))
-  optimizer = grad_recorder(train.make_optimizer(config.train))
+  model = Transformer(training.model_config_from(config, vocab))
+  optimizer = grad_recorder(training.make_optimizer(config.train))
   rows, length = config.train.batch_size, config.data.seq_len
   rng = np.random.default_rng(0)
   # Packed rows with uneven padding: micro-batches (rows i::grad_accum) hold different numbers of
@@ -288,13 +298,15 @@ def test_grad_accumulation_gives_the_same_loss_gradients_and_update(tiny_config)
   assert segment_ids[0::2].astype(bool).sum() != segment_ids[1::2].astype(bool).sum()
 
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch["inputs"])["params"])
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
+  state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32))
 
   def step(grad_accum):
-    fn = functools.partial(train.train_step, model=model, optimizer=optimizer,
-                           schedule=train.learning_rate_schedule(config.train),
-                           grad_accum=grad_accum, z_loss=1e-4)
+    fn = functools.partial(training.train_step,
+                           objective=training.model_objective(model, z_loss=1e-4),
+                           optimizer=optimizer,
+                           schedule=training.learning_rate_schedule(config.train),
+                           grad_accum=grad_accum)
     state2, metrics = jax.jit(fn)(state, batch)
     return state2, jax.device_get(metrics)
 
@@ -331,16 +343,24 @@ def existing_run(reference_run, tmp_path):
      "train.grad_accum=3 must divide train.batch_size=8"),
     (["--config.data.source=text_dir", "--config.data.text_dir={empty_dir}"],
      "text_dir '{empty_dir}' has no records in split 'train'"),
+    (["--config.data.source=text_dir", "--config.data.text_dir={train_only_dir}"],
+     "text_dir '{train_only_dir}' has no records in split 'validation'"),
     (["--config.data.source=tfds", "--config.data.tfds_name=no_such_dataset"],
      "TFDS dataset 'no_such_dataset' (split 'train') in data_dir '{data_dir}': no such dataset"),
     (["--config.model.embed_dim=48"],
      "holds a run with other shapes (model.embed_dim: 32 there, 48 here)"),
-], ids=["mistyped-key", "mesh-too-big", "grad-accum", "empty-text-dir", "missing-tfds",
-        "other-shapes"])
+], ids=["mistyped-key", "mesh-too-big", "grad-accum", "empty-text-dir",
+        "text-dir-without-validation", "missing-tfds", "other-shapes"])
 def test_bad_input_is_a_clear_error_and_leaves_the_workdir_alone(
     extra, message, existing_run, tiny_overrides, data_dirs, tmp_path):
-  fill = dict(empty_dir=str(tmp_path / "empty"), data_dir=data_dirs[0])
+  fill = dict(empty_dir=str(tmp_path / "empty"), train_only_dir=str(tmp_path / "train_only"),
+              data_dir=data_dirs[0])
   os.makedirs(fill["empty_dir"])
+  os.makedirs(fill["train_only_dir"])
+  for name in (f"doc_{i}.py" for i in range(8)):  # those the hash puts in the train split
+    if split_of(name) == "train":
+      with open(os.path.join(fill["train_only_dir"], name), "w") as f:
+        f.write("def f():\n  return 1\n" * 20)
   before = snapshot(existing_run)
   with pytest.raises(SystemExit) as raised:  # one line on stderr, no traceback
     cli.main(cli_args(tiny_overrides, existing_run, *(e.format(**fill) for e in extra)))
@@ -379,7 +399,7 @@ BAD_VALUES = [
     (["train.final_lr_fraction=-0.1"], "train.final_lr_fraction=-0.1 must be in [0, 1]"),
     (["train.schedule=cosin"], "train.schedule='cosin' is not 'cosine', 'linear' or 'two_stage'"),
     (["data.seq_len=0"], "data.seq_len=0 must be at least 1"),
-    (["data.source=hf"], "data.source='hf' is not 'stdlib', 'tfds', 'text_dir' or 'bytes'"),
+    (["data.source=hf"], "data.source='hf' is not one of ('stdlib', 'tfds', 'text_dir', 'bytes')"),
     (["data.source=bytes"], "data.source='bytes' is for a model that predicts each byte"),
     (["data.source=bytes", "model.name=bgpt", "data.byte_dataset=cpu", "data.seq_len=64",
       "model.patch_size=16"], "unknown data.byte_dataset 'cpu'"),
@@ -481,3 +501,21 @@ def test_sample_cli_continues_a_prompt_from_the_trained_run(reference_run, capsy
                       "--seed", "7"]) == texts
   with pytest.raises(SystemExit, match="holds no run"):
     sample.main(["--workdir", os.path.join(workdir, "no_such_run")])
+
+
+def test_a_run_written_when_the_model_section_held_every_models_fields_samples_and_resumes(
+    existing_run, tiny_overrides, capsys):
+  """Before each model had its own section, config.json's `model` held the fields of every
+  registered model (bGPT's beside the transformer's). Such a run still loads: the registry
+  builds the model from the fields of its `model.name` and ignores the others."""
+  path = os.path.join(existing_run, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  union = {**registry.config_section("bgpt"), **saved["model"]}  # name: the transformer's
+  with open(path, "w") as f:
+    json.dump({**saved, "model": union}, f)
+  _, _, model_config, _, step = sample.load_run(existing_run)
+  assert step == 6 and model_config == training.model_config_from(
+      ml_collections.ConfigDict(saved), model_config.vocab_size)
+  cli.main(cli_args(tiny_overrides, existing_run))  # resumes: nothing left to train
+  assert f"{existing_run} is already at step 6 of train.steps=6" in capsys.readouterr().out

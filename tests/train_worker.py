@@ -20,14 +20,14 @@ def main():
     sys.exit("usage: train_worker.py --kill_before_step K -- <llm_research.main arguments>")
   kill_before = int(options[1])
 
-  from llm_research import config as config_lib, main as cli, train
+  from llm_research import config as config_lib, main as cli, training
   args, overrides = cli.parse_args(main_args)
   config = config_lib.load_config(args.config, overrides)
   every = config.train.checkpoint_every
   last_periodic = (kill_before - 1) // every * every
   # Orbax writes this file last (then, on a local disk, renames the temporary folder to the step).
   committed = os.path.join(args.workdir, "checkpoints", str(last_periodic), "commit_success.txt")
-  real_step = train.Trainer.step
+  real_step = training.Trainer.step
 
   def step_or_die(self, state, batch):
     if int(state.step) + 1 == kill_before:
@@ -38,7 +38,7 @@ def main():
       os.kill(os.getpid(), signal.SIGKILL)
     return real_step(self, state, batch)
 
-  train.Trainer.step = step_or_die
+  training.Trainer.step = step_or_die
   cli.main(main_args)
 
 

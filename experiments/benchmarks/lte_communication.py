@@ -38,7 +38,7 @@ def main(argv=None):
 
   from llm_research import config as config_lib
   from llm_research import sharding
-  from llm_research.train import Trainer
+  from llm_research.training import Trainer
 
   class Vocab:  # only the vocab size matters here
     vocab_size = 4096
@@ -61,7 +61,7 @@ def main(argv=None):
                                                  f"lte.heads={jax.device_count()}"])
   outside = sum(sharding.collective_bytes(lte_text, in_conditionals=False).values())
   inside = sum(sharding.collective_bytes(lte_text, in_conditionals=True).values())
-  settings = lte_trainer.method.config
+  settings = lte_trainer.method.lte
   params = trainer.model_config.num_params()
 
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"

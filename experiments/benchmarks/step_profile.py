@@ -55,7 +55,7 @@ import time
 import jax
 
 from llm_research import config as config_lib
-from llm_research.train import Trainer
+from llm_research.training import Trainer
 from train_throughput import (VocabSize, add_config_args, commit, config_overrides,
                               synthetic_batch, write_lines)
 
@@ -75,9 +75,10 @@ CATEGORIES = (
      f"{', '.join(ATTENTION_FUNCTIONS)}"),
     ("matmul", "dot or convolution, or a fusion holding one (cuBLAS, Triton, cuDNN GEMMs)"),
     ("norm", "innermost frame in models/norms.py"),
-    ("loss", "innermost frame in train.py's token_losses: log-softmax over the vocabulary"),
-    ("optimizer", "innermost frame in optax or train.py's train_step: the gradient scaling, "
-     "clipping, AdamW and the update"),
+    ("loss", "innermost frame in training/objective.py's token_losses: log-softmax over the "
+     "vocabulary"),
+    ("optimizer", "innermost frame in optax or training/objective.py's train_step: the gradient "
+     "scaling, clipping, AdamW and the update"),
     ("data movement", f"{', '.join(DATA_MOVEMENT)}, or a fusion of nothing else: the scan's "
      "per-layer slices and saved activations, layout changes"),
     ("elementwise", "every other fusion or op: rotary, SwiGLU gating, residual adds, casts"),

@@ -69,7 +69,7 @@ from llm_research import config as config_lib
 from llm_research.metrics import median_seconds, peak_flops_per_device
 from llm_research.models.attention import ATTENTION_IMPLS
 from llm_research.models.stack import REMAT_POLICIES
-from llm_research.train import Trainer
+from llm_research.training import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from report import commit  # noqa: E402 (experiments/report.py)

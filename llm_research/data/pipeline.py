@@ -37,7 +37,9 @@ a separator patch and its output), padded with 256 to whole patches, then an end
 then 256 up to seq_len; inputs == targets, segment_ids 1 through the end patch and 0 after,
 positions 0..seq_len - 1; labelled datasets (digits_bmp, wav_tones) add `label` [local_batch].
 Examples longer than seq_len - patch_size are cropped (a warning says how many, once per split);
-an empty file, a byte outside 0..255 or a seq_len patch_size does not divide is a ConfigError.
+an empty file, a byte outside 0..255, a seq_len patch_size does not divide, a byte_dir split
+with no file, or an unlabelled dataset for a classifier (`num_classes`, model.num_classes) is
+a ConfigError.
 
 Each process reads only records
 `process_index::process_count`. Everything runs in-process, so an iterator's `get_state()` /
@@ -59,6 +61,8 @@ from llm_research.data.tokenizers import (ByteTokenizer, RawByteTokenizer, Sente
                                           Tokenizer, train_sentencepiece)
 from llm_research.errors import ConfigError
 
+# The values of data.source: the sources `load_source` reads.
+SOURCES = ("stdlib", "tfds", "text_dir", "bytes")
 # Chunks shuffled together in training, so that a row's neighbours come from other documents.
 TRAIN_SHUFFLE_WINDOW = 1024
 # Rows filled at once by first-fit packing (more rows: less padding, independent of batch size).
@@ -144,17 +148,39 @@ def _stdlib_source(data_config: ml_collections.ConfigDict, split: str):
   return _prepared_tfds(builder, "stdlib_source", data_config.data_dir, split)
 
 
-def check_byte_config(data_config: ml_collections.ConfigDict, patch_size: int) -> None:
-  """Refuses, naming the key, a source='bytes' setting no run can use (cheap: builds nothing)."""
+def check_byte_config(data_config: ml_collections.ConfigDict, patch_size: int,
+                      num_classes: int = 0) -> None:
+  """Refuses, naming the key, a source='bytes' setting no run can use: rows of `patch_size`
+  (labelled, for a classifier of `num_classes`) it cannot give, or a data.byte_dir that leaves
+  the train or the eval split without a file (cheap: builds no dataset)."""
+  _check_byte_rows(data_config, patch_size, num_classes)
+  if data_config.byte_dataset == "files":
+    for split in ("train", data_config.eval_split):  # the splits a run reads
+      if not len(ByteDirSource(data_config.byte_dir, split)):
+        raise ConfigError(
+            f"data.byte_dir {data_config.byte_dir!r} has no files in split {split!r}: a file "
+            "goes to 'train' or 'validation' (about 5%) by a hash of its path; add files")
+
+
+def _check_byte_rows(data_config: ml_collections.ConfigDict, patch_size: int,
+                     num_classes: int) -> None:
+  """Refuses rows of `patch_size` (labelled if `num_classes`) the byte data cannot give."""
   byte_rows.check_lengths(data_config.seq_len, patch_size)
   _check_byte_dataset(data_config)
+  labelled = [name for name, dataset in byte_datasets.BYTE_DATASETS.items()
+              if dataset.num_classes]  # 'files' has no labels
+  if num_classes and data_config.byte_dataset not in labelled:
+    raise ConfigError(f"model.num_classes={num_classes} is a classifier, but "
+                      f"data.byte_dataset={data_config.byte_dataset!r} has no labels: use one "
+                      f"that has ({', '.join(map(repr, labelled))}) or model.num_classes=0")
 
 
 def _check_byte_dataset(data_config: ml_collections.ConfigDict) -> None:
   name, config_name = data_config.byte_dataset, data_config.byte_config
   if name == "files":
     if not os.path.isdir(data_config.byte_dir):
-      raise ConfigError(f"data.byte_dir {data_config.byte_dir!r} does not exist")
+      problem = "is not a directory" if os.path.exists(data_config.byte_dir) else "does not exist"
+      raise ConfigError(f"data.byte_dir {data_config.byte_dir!r} {problem}")
     return
   if name not in byte_datasets.BYTE_DATASETS:
     raise ConfigError(f"unknown data.byte_dataset {name!r}: use one of "
@@ -229,8 +255,7 @@ def load_source(data_config: ml_collections.ConfigDict, split: str):
   elif data_config.source == "bytes":
     source, what = _byte_source(data_config, split)
   else:
-    raise ConfigError(f"unknown data.source {data_config.source!r}: "
-                      "use 'stdlib', 'tfds', 'text_dir' or 'bytes'")
+    raise ConfigError(f"data.source={data_config.source!r} is not one of {SOURCES}")
   if len(source) == 0:
     raise ConfigError(f"{what} has no records in split {split!r}")
   return source
@@ -318,10 +343,11 @@ def _warn_cropped(data_config: ml_collections.ConfigDict, source, split: str, pa
 
 
 def _byte_rows(data_config: ml_collections.ConfigDict, split: str, patch_size: int,
-               shuffle_seed: int | None, process: tuple[int, int]) -> grain.IterDataset:
+               num_classes: int, shuffle_seed: int | None,
+               process: tuple[int, int]) -> grain.IterDataset:
   """This process's examples of `split` -> rows {inputs, targets, segment_ids, positions[,
   label]} (byte_rows.py); with a shuffle seed, endless and reshuffled every epoch."""
-  check_byte_config(data_config, patch_size)
+  _check_byte_rows(data_config, patch_size, num_classes)
   source = load_source(data_config, split)
   examples = _process_documents(data_config, split, *process, source=source)
   _warn_cropped(data_config, source, split, patch_size, process)
@@ -336,18 +362,18 @@ def _byte_rows(data_config: ml_collections.ConfigDict, split: str, patch_size: i
 
 def make_train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                         global_batch_size: int, seed: int, process_index: int,
-                        process_count: int,
-                        patch_size: int = byte_rows.DEFAULT_PATCH_SIZE) -> grain.DatasetIterator:
+                        process_count: int, patch_size: int = byte_rows.DEFAULT_PATCH_SIZE,
+                        num_classes: int = 0) -> grain.DatasetIterator:
   """Endless training batches for this process: reshuffles its documents every epoch.
 
   `seed` (normally data.shuffle_seed) drives the document order and the shuffle of chunks
   within windows of TRAIN_SHUFFLE_WINDOW; those windows blur epoch boundaries a little.
-  source='bytes': one example a row, in patches of `patch_size` (model.patch_size); the
-  tokenizer is not used.
+  source='bytes': one example a row, in patches of `patch_size` (model.patch_size), labelled
+  if `num_classes` (a classifier's model.num_classes) is not 0; the tokenizer is not used.
   """
   local_batch = _local_batch_size(global_batch_size, process_count)
   if data_config.source == "bytes":
-    rows = _byte_rows(data_config, "train", patch_size, shuffle_seed=seed,
+    rows = _byte_rows(data_config, "train", patch_size, num_classes, shuffle_seed=seed,
                       process=(process_index, process_count))
   else:
     documents = _process_documents(data_config, "train", process_index, process_count)
@@ -358,8 +384,8 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Token
 
 def make_eval_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                        global_batch_size: int, process_index: int, process_count: int,
-                       split: str = "validation",
-                       patch_size: int = byte_rows.DEFAULT_PATCH_SIZE) -> grain.DatasetIterator:
+                       split: str = "validation", patch_size: int = byte_rows.DEFAULT_PATCH_SIZE,
+                       num_classes: int = 0) -> grain.DatasetIterator:
   """One deterministic pass over this process's records of `split`.
 
   The last batch is padded to full size with all-zero rows (segment_ids 0: count no loss there;
@@ -368,7 +394,7 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokeni
   """
   local_batch = _local_batch_size(global_batch_size, process_count)
   if data_config.source == "bytes":
-    rows = _byte_rows(data_config, split, patch_size, shuffle_seed=None,
+    rows = _byte_rows(data_config, split, patch_size, num_classes, shuffle_seed=None,
                       process=(process_index, process_count))
   else:
     documents = _process_documents(data_config, split, process_index, process_count)

@@ -53,10 +53,9 @@ PAD = 256  # pads a file to whole patches; a patch of PAD ends a file or separat
 VALUES = 257  # byte values and PAD
 shape_field = registry.shape_field
 
-# Model-section overrides for `config.model.update(name="bgpt", **PRESETS[...])`. A field bGPT
-# shares with the transformer (embed_dim, num_heads, ...) takes the transformer's default in the
-# base config, so a bGPT experiment sets its sizes: "paper" is the paper's 110M model, "small"
-# trains on CPU in minutes, "tiny" is for tests.
+# Model-section sizes, `config.model.update(**PRESETS[...])` on a bGPT section
+# (`base_config("bgpt")`, or `--config.model.name=bgpt`, whose defaults are "paper"): "paper" is
+# the paper's 110M model, "small" trains on CPU in minutes, "tiny" is for tests.
 PRESETS = {
     "paper": dict(patch_size=16, num_patch_layers=12, num_byte_layers=3, embed_dim=768,
                   num_heads=12, num_kv_heads=12, head_dim=64, mlp_dim=2048, max_patches=512),
@@ -145,8 +144,9 @@ class BgptConfig:
     return None if self.generative else classification_loss_sums
 
   def data_options(self) -> dict:
-    """Keyword arguments of the data iterators: rows are laid out in patches of this size."""
-    return {"patch_size": self.patch_size}
+    """Keyword arguments of the data iterators: rows are laid out in patches of this size,
+    and a classifier's rows carry labels of its classes."""
+    return {"patch_size": self.patch_size, "num_classes": self.num_classes}
 
   def check_data(self, data_config) -> None:
     """Refuses a row length this model cannot take (train.check_config_values)."""

@@ -39,13 +39,61 @@ class LoRA:
     return self.alpha / self.rank / self.heads
 
 
+def _householder_q(z: jax.Array) -> jax.Array:
+  """Q of z = Q R ([m, n], m >= n) with R's diagonal positive, so Q is Haar distributed for a
+  Gaussian z: Householder QR (LAPACK's geqrf + orgqr) in elementwise ops and sums only, no
+  linalg custom call and no matmul (whose default float32 precision is lower on TPU)."""
+  m, n = z.shape
+  rows = jnp.arange(m)
+
+  def reflect(j, carry):  # H_j = I - 2 v v^T zeroes column j below the diagonal
+    r, vs = carry
+    x = jnp.where(rows >= j, r[:, j], 0)
+    alpha = -jnp.where(x[j] >= 0, 1, -1) * jnp.sqrt(jnp.sum(x * x))  # R_jj; no cancellation
+    v = x - alpha * (rows == j)
+    v = v / jnp.maximum(jnp.sqrt(jnp.sum(v * v)), jnp.finfo(z.dtype).tiny)
+    r = r - 2 * v[:, None] * jnp.sum(v[:, None] * r, axis=0)
+    return r, vs.at[:, j].set(v)
+
+  r, vs = jax.lax.fori_loop(0, n, reflect, (z, jnp.zeros_like(z)))
+
+  def accumulate(i, q):  # Q = H_0 ... H_{n-1} [I_n; 0], the reflections applied last first
+    v = vs[:, n - 1 - i]
+    return q - 2 * v[:, None] * jnp.sum(v[:, None] * q, axis=0)
+
+  q = jax.lax.fori_loop(0, n, accumulate, jnp.eye(m, n, dtype=z.dtype))
+  return q * jnp.where(jnp.diagonal(r) >= 0, 1, -1).astype(z.dtype)
+
+
 def orthogonal_adapter_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32):
   """LoRA's A, [heads, *in, rank]: per head a semi-orthogonal [fan_in, rank] matrix times
   sqrt(fan_in / rank) (LTE's init: A's r singular values are all sqrt(fan_in / rank), so A keeps
-  the norm of an isotropic input on average)."""
+  the norm of an isotropic input on average).
+
+  The same draws as `nn.initializers.orthogonal` (jax.random.orthogonal: the Q of a Gaussian's
+  QR, signs fixed so that R's diagonal is positive), equal up to rounding, but orthonormalised by
+  `_householder_q` in plain jnp ops rather than by `jnp.linalg.qr`. Why: on CPU, jaxlib 0.10's
+  batched LAPACK kernels (lapack_sgeqrf_ffi, lapack_sorgqr_ffi) run on an XLA intra-op pool
+  thread, schedule their batch chunks on that same pool and block on an absl::BlockingCounter
+  (jax::ParallelBatchMap, jaxlib/cpu/lapack_kernels.cc). LTE inits every projection in one jit;
+  once as many QRs run at once as the pool has threads (2 on a 2-core machine), every thread
+  waits for chunks queued behind itself and step 1 hangs forever. No upstream issue reports this
+  hang as such; the closest: https://github.com/jax-ml/jax/issues/36927 (the 0.10 regression that
+  jax commit 859992407d "Don't try to parallelize LAPACK kernels in opensource builds" cites when
+  it takes this path out of open-source builds, after 0.11.0) and
+  https://github.com/jax-ml/jax/issues/39292 (the same path crashing batched eigh). With no
+  custom call in it, this init never waits on the pool, whatever the jaxlib, sizes or thread
+  count (tests/test_lte.py: test_orthogonal_adapter_inits_in_one_jit_do_not_deadlock)."""
   heads, rank, fan_in = shape[0], shape[-1], math.prod(shape[1:-1])
-  init = nn.initializers.orthogonal(scale=math.sqrt(fan_in / rank))
-  a = jax.vmap(lambda k: init(k, (fan_in, rank), dtype))(jax.random.split(key, heads))
+  scale = jnp.asarray(math.sqrt(fan_in / rank), dtype)
+  tall = (max(fan_in, rank), min(fan_in, rank))
+
+  def one(k):  # jax.random.orthogonal(k, fan_in, (), dtype, rank), without jnp.linalg.qr
+    z = jax.random.normal(k, tall, dtype)
+    q = _householder_q(z.astype(jnp.promote_types(dtype, jnp.float32))).astype(dtype)
+    return scale * (q if fan_in >= rank else q.T)
+
+  a = jax.vmap(one)(jax.random.split(key, heads))
   return a.reshape(shape)
 
 

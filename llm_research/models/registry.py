@@ -21,10 +21,10 @@ Optional, looked up with getattr (the transformer defines none; bGPT, models/bgp
     check_data(data_config)                 refuses `data.*` values at config-check time
     HEAD_KEYS                               shape keys `train.init_from` may change
 
-The dataclass is the one place a model's defaults live: `config.model` in the base config is
-`name` plus the union of every registered model's fields (a field two models share is one key,
-with the default of the first model registered), and the fields declared with `shape_field`
-are the keys that fix the shapes of a run's checkpoints.
+The dataclass is the one place a model's defaults live: `config.model` is `name` plus the
+fields of that model's class with their defaults (`config_section`; `--config.model.name=bgpt`
+gives bGPT's), and the fields declared with `shape_field` are the keys that fix the shapes of
+a run's checkpoints.
 """
 import dataclasses
 from typing import Any
@@ -44,12 +44,6 @@ def register(name: str):
       raise TypeError(f"model {name!r}: {cls.__name__} must be a dataclass with {missing}")
     if "vocab_size" not in {f.name for f in dataclasses.fields(cls)}:
       raise TypeError(f"model {name!r}: {cls.__name__} has no vocab_size field")
-    for field in _configurable_fields(cls):
-      for other in MODELS.values():
-        same = {f.name: f for f in dataclasses.fields(other)}.get(field.name)
-        if same is not None and same.type != field.type:
-          raise TypeError(f"model {name!r}: field {field.name!r} is {field.type}, but "
-                          f"{other.__name__} declares it {same.type}")
     MODELS[name] = cls
     return cls
   return add
@@ -64,14 +58,9 @@ def _configurable_fields(cls) -> list[dataclasses.Field]:
   return [f for f in dataclasses.fields(cls) if f.name != "vocab_size"]
 
 
-def config_section() -> dict:
-  """`name` and every registered model's fields with their defaults: the base config's model
-  section."""
-  section = {"name": DEFAULT_MODEL}
-  for cls in MODELS.values():
-    for field in _configurable_fields(cls):
-      section.setdefault(field.name, field.default)
-  return section
+def config_section(name: str = DEFAULT_MODEL) -> dict:
+  """The config's model section for model `name`: `name` and its fields with their defaults."""
+  return {"name": name, **{f.name: f.default for f in _configurable_fields(model_class(name))}}
 
 
 def model_class(name: str) -> type:
@@ -82,7 +71,9 @@ def model_class(name: str) -> type:
 
 def model_config(model_section, vocab_size: int):
   """The registered config of `model_section.name`, built from the section's keys; a key the
-  section lacks (a run's config.json written before the field existed) takes its default."""
+  section lacks (a run's config.json written before the field existed) takes its default,
+  and keys that are not the model's fields are ignored (a config.json written before each
+  model had its own section holds every registered model's fields: it loads as it is)."""
   cls = model_class(model_section.get("name", DEFAULT_MODEL))
   return cls(vocab_size=vocab_size, **{f.name: model_section.get(f.name, f.default)
                                        for f in _configurable_fields(cls)})

@@ -92,7 +92,8 @@ def decoder_stack(block: type, config, x, positions, segment_ids, *, decode: boo
     if policy is not None:
       layer = nn.remat(layer, policy=policy, prevent_cse=False)
     stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0, AUX_LOSS: 0, METRICS: 0},
-                    split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                    split_rngs={"params": True, "dropout": True},  # a key per layer
+                    in_axes=(nn.broadcast, nn.broadcast),
                     length=num_blocks, metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = stack(config, decode, cache_len, name=name)(x, positions, segment_ids)
     return x

@@ -63,10 +63,16 @@ import ml_collections
 import optax
 from flax import struct
 
-from llm_research import sharding, train
+from llm_research import sharding
 from llm_research.errors import ConfigError
 from llm_research.methods import lora
 from llm_research.models.linear import orthogonal_adapter_init
+from llm_research.training import checks
+from llm_research.training.method import TrainingMethod, register
+from llm_research.training.objective import (accumulated, batch_losses, frozen_to_zero,
+                                             logged_metrics)
+from llm_research.training.optimizer import learning_rate_schedule, make_optimizer
+from llm_research.training.state import AfterStepHook, TrainState, apply_hooks, step_key
 
 MAIN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HEADS_AXIS = "lora_heads"  # the logical axis of every per-head array
@@ -116,12 +122,7 @@ class LTEConfig:
 def settings(config: ml_collections.ConfigDict, model_config) -> LTEConfig:
   """The LTEConfig of a run; a ConfigError naming the key for a value LTE cannot take."""
   lc = config.lte
-
-  def need(ok: bool, key: str, what: str) -> None:
-    if not ok:
-      section, name = key.split(".")
-      raise ConfigError(f"{key}={config[section][name]!r} {what}")
-
+  need = lambda ok, key, what: checks.need(config, ok, key, what)
   for name in ("heads", "merge_every"):
     need(lc[name] >= 1, f"lte.{name}", "must be at least 1")
   need(lc.rank >= 0, "lte.rank", "must not be negative (0: the smallest with heads x rank >= "
@@ -132,9 +133,6 @@ def settings(config: ml_collections.ConfigDict, model_config) -> LTEConfig:
   need(lc.main_dtype in MAIN_DTYPES, "lte.main_dtype", f"is not one of {sorted(MAIN_DTYPES)}")
   need(lc.mesh_axis in ("", *sharding.MESH_AXES), "lte.mesh_axis",
        f"is not a mesh axis {sharding.MESH_AXES} or '' (every head on every device)")
-  need(not config.train.get("init_from"), "train.init_from",
-       "is not supported with train.method='lte' yet (lte.init takes any params: wire it "
-       "through Trainer.init_state)")
   if not hasattr(model_config, "lora_rank"):
     raise ConfigError(f"model.name={config.model.name!r} has no LoRA adapters (lora_rank), "
                       "which train.method='lte' trains")
@@ -354,110 +352,114 @@ def head_params(state: LTEState, n: int):
   return assemble(state.main, pick(state.heads), pick(state.merged))
 
 
-# ---- training: the trainer's method ----------------------------------------------------------
+# ---- training: the method ------------------------------------------------------------------
 
 def _dict_keys(path) -> list[str]:
   return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
 
 
-def make_optimizer(tc, adapter_learning_rate: float) -> optax.GradientTransformation:
-  """One head's optimizer: `train.make_optimizer` for the adapters at `adapter_learning_rate`,
-  and another at train.learning_rate for the replicas (each its own clipping norm)."""
-  adapters_tc = ml_collections.ConfigDict(tc.to_dict())
-  adapters_tc.learning_rate = adapter_learning_rate
+def head_optimizer(tc, adapter_learning_rate: float) -> optax.GradientTransformation:
+  """One head's optimizer: `make_optimizer` for the adapters at `adapter_learning_rate`, and
+  another at train.learning_rate for the replicas (each its own clipping norm)."""
   labels = lambda heads: jax.tree_util.tree_map_with_path(
       lambda path, _: "adapters" if _dict_keys(path)[-1] in ("lora_a", "lora_b") else "replicas",
       heads)
-  return optax.multi_transform({"adapters": train.make_optimizer(adapters_tc),
-                                "replicas": train.make_optimizer(tc)}, labels)
+  return optax.multi_transform({"adapters": make_optimizer(_with_lr(tc, adapter_learning_rate)),
+                                "replicas": make_optimizer(tc)}, labels)
 
 
-class LTE:
-  """`train.method="lte"` for train.Trainer (the method seam; train.Standard is the default).
+def _with_lr(tc, learning_rate: float) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({**tc.to_dict(), "learning_rate": learning_rate})
 
-  The train state is a TrainState whose params are an LTEState and whose opt_state holds the
-  heads' optimizer states; `model_params` gives the main params (merged) to eval and sampling.
-  """
 
-  def __init__(self, trainer, hooks=()):
-    config, tc = trainer.config, trainer.config.train
-    self.config = settings(config, trainer.model_config)
-    self.model, self.seq_len = trainer.model, config.data.seq_len
-    self.head_model = self.config.head_model().make_model()
+@register("lte")
+class LTE(TrainingMethod):
+  """`train.method="lte"`: the state's params are an LTEState; its opt_state holds the heads'
+  optimizer states; `model_params` gives the main params (merged) to eval and sampling."""
+
+  # `heads` LoRA heads of rank `rank` (0: the smallest with heads x rank >= model.embed_dim),
+  # s = alpha / rank, merged every `merge_every` steps. The adapters train at `learning_rate`
+  # (0: train.learning_rate / s), the replicas of the other params (norms, embeddings) at
+  # train.learning_rate. `main_dtype` holds the main weights on the devices (bfloat16: with a
+  # float32 master, updated at merges); `mesh_axis` spreads the heads.
+  config_section = dict(heads=4, rank=0, alpha=4096.0, merge_every=10, learning_rate=0.0,
+                        main_dtype="float32", mesh_axis="data")
+  shape_keys = ("lte.heads", "lte.rank", "lte.main_dtype")
+
+  def __init__(self, config, model_config, hooks=()):
+    super().__init__(config, model_config, hooks)
+    tc = config.train
+    self.lte = settings(config, model_config)
+    self.head_model = self.lte.head_model().make_model()
     axis = config.lte.mesh_axis
     base = sharding.rules_from_config(config)
-    self.rules, self.inner_rules = _rules(base, axis), _inner_rules(base, axis)
+    self._rules, self.inner_rules = _rules(base, axis), _inner_rules(base, axis)
     self.spmd_axis = axis or None
-    adapter_lr = config.lte.learning_rate or tc.learning_rate / self.config.scale
-    self.optimizer = make_optimizer(tc, adapter_lr)
-    self.schedules = {"learning_rate": train.learning_rate_schedule(tc),
-                      "adapter_learning_rate": train.learning_rate_schedule(
-                          ml_collections.ConfigDict({**tc.to_dict(),
-                                                     "learning_rate": adapter_lr}))}
-    self.grad_accum, self.z_loss, self.trainable = tc.grad_accum, tc.z_loss, tc.trainable
-    merge_hook = train.AfterStepHook(self.config.merge_every,
-                                     lambda s: s.replace(params=merge(s.params)))
-    self.hooks = (merge_hook, *hooks)
+    adapter_lr = config.lte.learning_rate or tc.learning_rate / self.lte.scale
+    self.optimizer = head_optimizer(tc, adapter_lr)
+    self.schedules = {"learning_rate": learning_rate_schedule(tc),
+                      "adapter_learning_rate": learning_rate_schedule(_with_lr(tc, adapter_lr))}
+    merge_hook = AfterStepHook(self.lte.merge_every, lambda s: s.replace(params=merge(s.params)))
+    self.hooks = (merge_hook, *self.hooks)
 
-  @staticmethod
-  def check_config(config, model_config) -> None:
+  @classmethod
+  def check_config(cls, config, model_config) -> None:
     settings(config, model_config)
 
-  check_mesh = staticmethod(check_mesh)
+  @classmethod
+  def check_mesh(cls, config, mesh) -> None:
+    check_mesh(config, mesh)
 
-  def init(self, params_key, state_key) -> train.TrainState:
-    model_key, adapters_key = jax.random.split(params_key)
-    params = self.model.init(model_key, jnp.zeros((1, self.seq_len), jnp.int32))["params"]
-    state = init_boxed(self.config, params, adapters_key, seq_len=self.seq_len)
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=state,
-                            opt_state=self.optimizer.init(state.heads),
-                            rng=jax.random.key_data(state_key))
+  @property
+  def rules(self) -> tuple:
+    return self._rules
+
+  def init(self, params, rng):
+    state = init_boxed(self.lte, params, rng, seq_len=self.config.data.seq_len)
+    return state, self.optimizer.init(state.heads)
 
   def trained(self, params: LTEState):
-    """The params the optimizer trains (those train.trainable selects from)."""
     return params.heads
-
-  def model_param_shardings(self, shardings: LTEState):
-    return shardings.main
 
   def model_params(self, params: LTEState):
     return main_params(params)
 
-  def step(self, state: train.TrainState, batch: dict):
+  def model_param_shardings(self, shardings: LTEState):
+    return shardings.main
+
+  def step(self, state: TrainState, batch: dict):
     state, metrics = local_step(state, batch, method=self)
-    return train.apply_hooks(state, self.hooks), metrics
+    return apply_hooks(state, self.hooks), metrics
 
 
-def local_step(state: train.TrainState, batch: dict, *, method: LTE):
-  """Every head's update on its share of `batch` (no merge): (state, metrics)."""
-  lte_state, n = state.params, method.config.heads
+def local_step(state: TrainState, batch: dict, *, method: LTE):
+  """Every head's update on its share of `batch`, each with its own key (no merge):
+  (state, metrics)."""
+  lte_state, n = state.params, method.lte.heads
+  tc = method.config.train
   shares = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
-  def head_grads(head, merged, share):  # one head, one share: summed grads and sums
-    def grads_and_sums(micro_batch):
-      loss = lambda h: train._batch_losses(assemble(lte_state.main, h, merged),
-                                           method.head_model, micro_batch, method.z_loss)
+  def head_grads(head, merged, share, rng):  # one head, one share: summed grads and sums
+    def grads_and_sums(micro_batch, micro_rng):
+      loss = lambda h: batch_losses(assemble(lte_state.main, h, merged), micro_batch, micro_rng,
+                                    model=method.head_model, z_loss=tc.z_loss)
       (_, sums), grads = jax.value_and_grad(loss, has_aux=True)(head)
       return grads, sums
-    return train.accumulated(grads_and_sums, share, method.grad_accum)
+    return accumulated(grads_and_sums, share, tc.grad_accum, rng)
 
   vmap = functools.partial(jax.vmap, spmd_axis_name=method.spmd_axis)
   with nn.logical_axis_rules(method.inner_rules):
-    grads, sums = vmap(head_grads)(lte_state.heads, lte_state.merged, shares)
-  tokens = sums.pop("count")  # [N]
+    grads, sums = vmap(head_grads)(lte_state.heads, lte_state.merged, shares,
+                                   jax.random.split(step_key(state), n))
+  tokens = sums["count"]  # [N]
   per_head = lambda g: jnp.maximum(tokens, 1.0).reshape(-1, *(1,) * (g.ndim - 1))
-  grads = jax.tree.map(lambda g, t: g / per_head(g) if t else jnp.zeros_like(g), grads,
-                       train.trainable_mask(grads, method.trainable))
+  grads = frozen_to_zero(jax.tree.map(lambda g: g / per_head(g), grads), tc.trainable)
   opt_axes = jax.tree.map(lambda x: 0 if x.ndim else None, state.opt_state)
   updates, opt_state = vmap(method.optimizer.update, in_axes=(0, opt_axes, 0),
                             out_axes=(0, opt_axes))(grads, state.opt_state, lte_state.heads)
   new_state = state.replace(
       step=state.step + 1, opt_state=opt_state,
       params=lte_state.replace(heads=optax.apply_updates(lte_state.heads, updates)))
-  total = jnp.maximum(jnp.sum(tokens), 1.0)
-  metrics = {"loss": jnp.sum(sums.pop("nll")) / total, "grad_norm": optax.tree.norm(grads),
-             **{k: schedule(state.step) for k, schedule in method.schedules.items()},
-             **{k: jnp.sum(v, axis=0) / total if k.startswith("aux_loss/") else
-                jnp.sum(v, axis=0) for k, v in sums.items()}}
+  metrics = logged_metrics(jax.tree.map(lambda v: jnp.sum(v, axis=0), sums), grads,
+                           {k: schedule(state.step) for k, schedule in method.schedules.items()})
   return new_state, metrics
-
