@@ -344,6 +344,18 @@ def test_init_from_refuses_a_changed_patch_size(generative_run):
     init_from.convert(generative, dataclasses.replace(generative, patch_size=8), {})
 
 
+def test_init_from_a_bgpt_run_into_a_transformer_names_the_models(generative_run,
+                                                                   tiny_overrides, tmp_path):
+  _, workdir, _, _ = generative_run
+  before = snapshot(workdir)
+  with pytest.raises(SystemExit) as raised:
+    cli.main(cli_args([*tiny_overrides, f"train.init_from={workdir}"], tmp_path / "new_run"))
+  assert raised.value.code == (f"error: train.init_from={workdir!r} is a model.name='bgpt' run, "
+                               "this one model.name='transformer': init_from converts between "
+                               "runs of the same model")
+  assert snapshot(workdir) == before and not (tmp_path / "new_run").exists()
+
+
 # ---- config errors -------------------------------------------------------------------------------
 
 def train_only_folder(path) -> str:
