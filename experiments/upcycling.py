@@ -10,14 +10,15 @@ A dense LLaMA-style model (byte tokenizer, stdlib corpus) is pre-trained for `pr
 The extra budget is `extra` times its pre-training FLOPs (`flops_per_token` of the registered
 model config: 6 x the active matmul params + attention). The three arms spend it at the same
 batch size: the dense one in `extra * pretrain_steps` steps; the MoE ones (top-k of
-`num_experts` experts in every `moe_every`-th layer: k experts active, so more FLOPs per token)
-in proportionally fewer steps, so that every arm's x-axis is the compute it actually used (the
-paper compares at equal extra compute). (a) and (b) start from the dense run's newest params
-through `train.init_from` (the CLI's `--config.train.init_from=<dense workdir>`), with a fresh
-optimizer; (b) with the MoE keys set, so init_from upcycles (methods/upcycle.py: experts copied
-from the dense MLP, fresh routers; the same function at step 0). (c) is the MoE config from a
-random init with the pre-training recipe. Pre-training keeps a constant learning rate after
-its warmup (an unannealed checkpoint, as the paper continues from); each extra run warms up and
+`num_experts` experts in every `moe_every`-th layer, model.moe.every: k experts active, so
+more FLOPs per token) in proportionally fewer steps, so that every arm's x-axis is the compute
+it actually used (the paper compares at equal extra compute). (a) and (b) start from the
+dense run's newest params through `train.init_from` (the CLI's
+`--config.train.init_from=<dense workdir>`), with a fresh optimizer; (b) with the MoE keys
+set, so init_from upcycles (methods/upcycle.py: experts copied from the dense MLP, fresh
+routers; the same function at step 0). (c) is the MoE config from a random init with the
+pre-training recipe. Pre-training keeps a constant learning rate after its warmup (an
+unannealed checkpoint, as the paper continues from); each extra run warms up and
 decays (cosine) to a tenth of the rate over its own budget, so its last evaluation is annealed
 and every arm is at the same point of its schedule at the same fraction of the budget. The extra
 training reads the corpus in another order (`data.shuffle_seed=1`) than pre-training did. Each
@@ -182,8 +183,8 @@ def main():
   dense = dense_config(args)
   dense_dir = os.path.join(args.workdir, "dense")
   pretrain = train(dense, dense_dir)
-  moe = dict(mlp_impl="moe", num_experts=args.num_experts, experts_per_token=args.top_k,
-             moe_every=args.moe_every)
+  moe = dict(mlp_impl="moe", moe=dict(num_experts=args.num_experts,
+                                      experts_per_token=args.top_k, every=args.moe_every))
   dense_steps = round(args.extra * args.pretrain_steps / args.evals) * args.evals
   moe_steps = equal_compute_steps(dense_steps, dense, extra_run(dense, 1, 1, **moe), args.evals)
   runs = {  # name: (config, workdir)

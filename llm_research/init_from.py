@@ -10,8 +10,8 @@ this run's method builds its state from the converted params.
 
 The surgery, from what differs between the source run's config.json and this config:
   - model.num_layers n -> 2 (n - m): depth up-scaling with drop m (methods/depth_upscale.py);
-  - a dense model -> model.mlp_impl='moe' (num_experts, experts_per_token, moe_every,
-    moe_router, capacity_factor as this config says): upcycling (methods/upcycle.py; the
+  - a dense model -> model.mlp_impl='moe' (the model.moe group as this config says):
+    upcycling (methods/upcycle.py; the
     routers drawn from train.seed); both together: up-scaled, then upcycled;
   - model.scan_layers: the layers are re-laid out;
   - a key of the model config's HEAD_KEYS (bGPT: model.num_classes, generative -> classifier):
@@ -43,8 +43,8 @@ from llm_research.models import registry
 from llm_research.models.transformer import TransformerConfig
 
 # Model keys a surgery may change (the others must be the source's).
-SURGERY_KEYS = ("num_layers", "mlp_impl", "num_experts", "moe_every", "scan_layers")
-_MOE_SHAPES = ("mlp_impl", "num_experts", "moe_every")
+SURGERY_KEYS = ("num_layers", "mlp_impl", "moe.num_experts", "moe.every", "scan_layers")
+_MOE_SHAPES = ("mlp_impl", "moe.num_experts", "moe.every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,9 @@ def convert(source, target, params, *, seed: int = 0):
   if type(source) is not type(target):
     raise ConfigError(f"the source is a {type(source).__name__}, this run a "
                       f"{type(target).__name__}")
+  value = registry.field_value
   keys = [k for k in registry.shape_keys(registry_name(target))
-          if getattr(source, k) != getattr(target, k)]
+          if value(source, k) != value(target, k)]
   if not isinstance(target, TransformerConfig):
     fixed = [k for k in keys if k not in getattr(target, "HEAD_KEYS", ())]
     if fixed:
@@ -91,11 +92,8 @@ def convert(source, target, params, *, seed: int = 0):
                         f"even number from 2 to {2 * n}")
     config, params = depth_upscale(config, params, drop=drop)
   if target.mlp_impl == "moe" and config.mlp_impl != "moe":
-    config, params = upcycle(config, params, num_experts=target.num_experts,
-                             top_k=target.experts_per_token, moe_every=target.moe_every,
-                             router=target.moe_router, seed=seed,
-                             capacity_factor=target.capacity_factor)
-  moe_keys = [k for k in _MOE_SHAPES if getattr(config, k) != getattr(target, k)]
+    config, params = upcycle(config, params, moe=target.moe, seed=seed)
+  moe_keys = [k for k in _MOE_SHAPES if value(config, k) != value(target, k)]
   if moe_keys:
     raise ConfigError(_differ(config, target, moe_keys) + ": an MoE model converts to no other "
                       "MoE layout or to a dense model")
@@ -117,7 +115,8 @@ def registry_name(model_config) -> str:
 
 
 def _differ(source, target, keys) -> str:
-  return ", ".join(f"model.{k} is {getattr(source, k)!r} there, {getattr(target, k)!r} here"
+  value = registry.field_value
+  return ", ".join(f"model.{k} is {value(source, k)!r} there, {value(target, k)!r} here"
                    for k in keys)
 
 

@@ -36,7 +36,7 @@ VARIANTS = {
     "xla": [],
     "pallas": ["model.attention_impl=pallas", "model.head_dim=64"],
     # MoE through the capacity path (capacity 16 of 32 tokens a row: some copies dropped).
-    "moe": ["model.mlp_impl=moe", "model.num_experts=4", "model.capacity_factor=1.0"],
+    "moe": ["model.mlp_impl=moe", "model.moe.num_experts=4", "model.moe.capacity_factor=1.0"],
 }
 MESH_3D = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 MESHES = {  # name -> (model variant, overrides); batch_size 8 splits over the batch axes in each
@@ -143,7 +143,7 @@ def dropless_moe_grads(mesh_overrides=()) -> dict:
   """Output and gradients (params and input) of one dropless MoE layer (per device in
   shard_map under a mesh, the experts' weights gathered) on fixed inputs."""
   from llm_research.models.moe import MoE
-  config = config_lib.load_config(TINY_CONFIG, ["model.mlp_impl=moe", "model.num_experts=4",
+  config = config_lib.load_config(TINY_CONFIG, ["model.mlp_impl=moe", "model.moe.num_experts=4",
                                                 *mesh_overrides])
   layer = MoE(training.model_config_from(config, ByteTokenizer.vocab_size))
   x = jnp.asarray(np.random.default_rng(3).normal(size=(8, 32, 32)), jnp.float32)

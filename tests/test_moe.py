@@ -5,6 +5,7 @@ parameter counts, bad config values.
 """
 import dataclasses
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -14,17 +15,25 @@ import optax
 import pytest
 
 from llm_research import training
-from llm_research.models import Transformer, TransformerConfig
+from llm_research.models import Transformer, TransformerConfig, registry
 from llm_research.models import moe
+from llm_research.models.moe import MoEConfig
 from llm_research.models.stack import AUX_LOSS, METRICS, collect_aux_losses
 
 VOCAB = 61
 
 
-def tiny_moe(**overrides) -> TransformerConfig:
+def tiny_moe(moe: dict | None = None, **overrides) -> TransformerConfig:
+  """A tiny MoE transformer: 4 experts, top-2, in every layer; `moe` overrides the MoE group."""
   base = dict(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
-              head_dim=8, mlp_dim=48, mlp_impl="moe", num_experts=4, experts_per_token=2)
-  return TransformerConfig(**{**base, **overrides})
+              head_dim=8, mlp_dim=48, mlp_impl="moe")
+  group = MoEConfig(**{"num_experts": 4, "experts_per_token": 2, **(moe or {})})
+  return TransformerConfig(**{**base, "moe": group, **overrides})
+
+
+def with_moe(cfg: TransformerConfig, **fields) -> TransformerConfig:
+  """`cfg` with MoE group fields replaced."""
+  return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **fields))
 
 
 def random_params(cfg, seed=0):
@@ -53,7 +62,7 @@ def logits_fn(cfg):
 # Two models the tests share (compiling is most of their time): every layer MoE; and MoE in every
 # other of 4 layers (the scan runs over groups of 2).
 EVERY_LAYER = tiny_moe()
-EVERY_OTHER = tiny_moe(num_layers=4, moe_every=2)
+EVERY_OTHER = tiny_moe(num_layers=4, moe=dict(every=2))
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +194,7 @@ def test_dropless_path_equals_capacity_path_when_nothing_is_dropped():
 
 def test_moe_model_dropless_equals_capacity_with_room_for_every_token(every_layer_params):
   tokens = jax.random.randint(jax.random.key(6), (2, 13), 0, VOCAB)
-  roomy = dataclasses.replace(EVERY_LAYER, capacity_factor=2.0)  # C = 2 * 2 * 13 / 4 >= 13
+  roomy = with_moe(EVERY_LAYER, capacity_factor=2.0)  # C = 2 * 2 * 13 / 4 >= 13
   assert moe.expert_capacity(13, 4, 2.0, 2) == 13
   np.testing.assert_allclose(logits_fn(EVERY_LAYER)(every_layer_params, tokens),
                              logits_fn(roomy)(every_layer_params, tokens), rtol=1e-5, atol=1e-5)
@@ -194,13 +203,13 @@ def test_moe_model_dropless_equals_capacity_with_room_for_every_token(every_laye
 # ---- the MoE transformer -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", [EVERY_LAYER, EVERY_OTHER,
-                                 dataclasses.replace(EVERY_LAYER, capacity_factor=2.0)],
+                                 with_moe(EVERY_LAYER, capacity_factor=2.0)],
                          ids=["dropless", "every-other", "capacity-roomy"])
 def test_changing_a_future_token_changes_no_earlier_logit(cfg, every_layer_params,
                                                           every_other_params):
   """Dropless top-k routes each token alone: causal. The capacity path is causal only when no
   copy is dropped (a later token can take an earlier one's slot), here with room for all."""
-  params = every_other_params if cfg.moe_every == 2 else every_layer_params
+  params = every_other_params if cfg.moe.every == 2 else every_layer_params
   apply = logits_fn(cfg)
   tokens = jax.random.randint(jax.random.key(7), (2, 13), 0, VOCAB)
   changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % VOCAB)
@@ -212,8 +221,7 @@ def test_changing_a_future_token_changes_no_earlier_logit(cfg, every_layer_param
 def test_expert_choice_is_not_causal(every_layer_params):
   """Documented: expert choice ranks a row's tokens together, so a later token changes which
   earlier tokens an expert takes (here: some earlier logit moves)."""
-  apply = logits_fn(dataclasses.replace(EVERY_LAYER, moe_router="expert_choice",
-                                        capacity_factor=1.0))
+  apply = logits_fn(with_moe(EVERY_LAYER, router="expert_choice", capacity_factor=1.0))
   tokens = jax.random.randint(jax.random.key(8), (2, 13), 0, VOCAB)
   changed = tokens.at[:, 9:].set((tokens[:, 9:] + 7) % VOCAB)
   a, b = apply(every_layer_params, tokens), apply(every_layer_params, changed)
@@ -244,8 +252,8 @@ def test_aux_losses_and_dropped_tokens_reach_the_train_metrics(every_other_param
   load-balancing loss is exactly 1 and the z-loss log(E)^2 per MoE layer, and with capacity C
   each row drops k (length - C) copies per layer; the train step (2 micro-batches) reports the
   weighted sums, and the count summed over its micro-batches."""
-  cfg = dataclasses.replace(EVERY_OTHER, capacity_factor=1.0, load_balance_weight=0.1,
-                            router_z_loss_weight=0.01)
+  cfg = with_moe(EVERY_OTHER, capacity_factor=1.0, load_balance_weight=0.1,
+                 router_z_loss_weight=0.01)
   model = Transformer(cfg)
   params = jax.tree.map(lambda x: x, every_other_params)
   router = params["layers"]["layer_1"]["mlp"]["router"]
@@ -272,12 +280,12 @@ def test_aux_losses_and_dropped_tokens_reach_the_train_metrics(every_other_param
 
 
 def test_parameter_counts_match_the_params():
-  for cfg in [tiny_moe(), tiny_moe(moe_every=2, lora_rank=2), tiny_moe(num_experts=0,
-                                                                       mlp_impl="swiglu")]:
+  for cfg in [tiny_moe(), tiny_moe(dict(every=2), lora_rank=2),
+              tiny_moe(dict(num_experts=0), mlp_impl="swiglu")]:
     shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 3), int))
     assert cfg.num_params() == sum(x.size for x in jax.tree.leaves(shapes["params"]))
-  cfg = tiny_moe(num_layers=4, moe_every=2, num_experts=8, experts_per_token=2)
-  dense = dataclasses.replace(cfg, mlp_impl="swiglu", num_experts=0)
+  cfg = tiny_moe(dict(every=2, num_experts=8, experts_per_token=2), num_layers=4)
+  dense = dataclasses.replace(cfg, mlp_impl="swiglu", moe=MoEConfig())
   expert_params = 3 * 32 * 48
   # Two MoE layers, each: 7 more experts than the dense MLP and a router (32 x 8).
   assert cfg.num_params() - dense.num_params() == 2 * (7 * expert_params + 32 * 8)
@@ -287,17 +295,20 @@ def test_parameter_counts_match_the_params():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(mlp_impl="swiglu"), "model.num_experts=4 needs mlp_impl='moe'"),
-    (dict(num_experts=0), "model.num_experts=0 must be at least 1 with mlp_impl='moe'"),
-    (dict(experts_per_token=5), "model.experts_per_token=5 must be from 1 to num_experts=4"),
-    (dict(experts_per_token=0), "model.experts_per_token=0 must be from 1"),
-    (dict(moe_router="switch"), "model.moe_router='switch' is not one of"),
-    (dict(capacity_factor=-1.0), "model.capacity_factor=-1.0 must not be negative"),
-    (dict(moe_router="expert_choice"),
-     "model.capacity_factor=0.0 cannot hold a token: moe_router='expert_choice' needs"),
-    (dict(num_layers=3, moe_every=2), "model.moe_every=2 must divide num_layers=3"),
-    (dict(moe_every=0), "model.moe_every=0 must divide"),
-    (dict(load_balance_weight=-0.1), "model.load_balance_weight=-0.1 must not be negative"),
+    (dict(mlp_impl="swiglu"), "model.moe.num_experts=4 needs mlp_impl='moe'"),
+    (dict(moe=dict(num_experts=0)),
+     "model.moe.num_experts=0 must be at least 1 with mlp_impl='moe'"),
+    (dict(moe=dict(experts_per_token=5)),
+     "model.moe.experts_per_token=5 must be from 1 to num_experts=4"),
+    (dict(moe=dict(experts_per_token=0)), "model.moe.experts_per_token=0 must be from 1"),
+    (dict(moe=dict(router="switch")), "model.moe.router='switch' is not one of"),
+    (dict(moe=dict(capacity_factor=-1.0)), "model.moe.capacity_factor=-1.0 must not be negative"),
+    (dict(moe=dict(router="expert_choice")),
+     "model.moe.capacity_factor=0.0 cannot hold a token: router='expert_choice' needs"),
+    (dict(num_layers=3, moe=dict(every=2)), "model.moe.every=2 must divide num_layers=3"),
+    (dict(moe=dict(every=0)), "model.moe.every=0 must divide"),
+    (dict(moe=dict(load_balance_weight=-0.1)),
+     "model.moe.load_balance_weight=-0.1 must not be negative"),
     (dict(linear_impl="bitnet"), "model.linear_impl='bitnet': the experts of mlp_impl='moe'"),
 ])
 def test_bad_moe_config_is_one_line_naming_the_key(bad, message):
@@ -315,8 +326,8 @@ def test_padding_takes_no_expert_and_counts_in_no_router_loss(router, capacity_f
   real tokens: their outputs, the router losses and the dropped count are those of the same
   rows with other padding; padding comes out as 0. Dropless, where the real tokens route alone,
   they are also those of the rows cut before the padding."""
-  cfg = tiny_moe(moe_router=router, capacity_factor=capacity_factor, load_balance_weight=1.0,
-                 router_z_loss_weight=1.0)
+  cfg = tiny_moe(dict(router=router, capacity_factor=capacity_factor, load_balance_weight=1.0,
+                      router_z_loss_weight=1.0))
   layer = moe.MoE(cfg)
   x = jax.random.normal(jax.random.key(11), (2, 12, 32))
   other = x.at[:, 7:].set(3 * jax.random.normal(jax.random.key(12), (2, 5, 32)))
@@ -343,3 +354,25 @@ def test_padding_takes_no_expert_and_counts_in_no_router_loss(router, capacity_f
     np.testing.assert_allclose(y[:, :7], y_cut, rtol=1e-5, atol=1e-6)
     for name, value in losses_cut.items():
       assert float(losses[name]) == pytest.approx(float(value), rel=1e-5)
+
+
+def test_the_moe_group_is_its_own_config_section_and_old_flat_keys_still_load(
+    tiny_config, tmp_path):
+  """`model.moe.*` on the command line; the group's shape keys fix a run's checkpoints; and a
+  config.json written when the MoE settings were flat `model.*` keys builds the same model and
+  is held against a changed group like a new one."""
+  config = tiny_config("model.mlp_impl=moe", "model.moe.num_experts=4", "model.moe.every=2")
+  model = training.model_config_from(config, VOCAB)
+  assert model.moe == MoEConfig(num_experts=4, every=2)
+  assert {"model.moe.num_experts", "model.moe.every"} <= set(training.shape_keys(config))
+  old = {k: v for k, v in config.model.to_dict().items() if k != "moe"}
+  old.update(num_experts=4, moe_every=2, moe_router="top_k", capacity_factor=0.0)
+  assert registry.model_config(old, VOCAB) == model
+  (tmp_path / "checkpoints").mkdir()
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({**config.to_dict(), "model": old}, f)
+  training.checks.check_same_shapes(config, str(tmp_path))  # the same run: accepted
+  with pytest.raises(ValueError, match="model.moe.num_experts: 4 there, 8 here"):
+    training.checks.check_same_shapes(
+        tiny_config("model.mlp_impl=moe", "model.moe.num_experts=8", "model.moe.every=2"),
+        str(tmp_path))

@@ -160,7 +160,10 @@ def test_each_model_has_its_own_config_section_with_its_own_defaults(tiny_config
   from llm_research.config import base_config, with_overrides
   fields = lambda cls: {f.name: f.default for f in dataclasses.fields(cls)
                         if f.name != "vocab_size"}
-  assert base_config().model.to_dict() == {"name": "transformer", **fields(TransformerConfig)}
+  transformer = base_config().model.to_dict()
+  assert transformer == registry.config_section("transformer")
+  assert set(transformer) == {"name"} | set(fields(TransformerConfig))
+  assert transformer["moe"] == dataclasses.asdict(TransformerConfig(vocab_size=1).moe)  # a group
   assert base_config("toy").model.to_dict() == {"name": "toy", **fields(ToyConfig)}
   # On the command line: the named model's defaults, whatever the experiment set for another
   # model (the tiny config's transformer sizes), and the other model.* keys apply to it,

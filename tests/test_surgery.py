@@ -26,16 +26,18 @@ from llm_research.methods.depth_upscale import depth_upscale, source_layers
 from llm_research.methods.layer_list import join_layers, split_layers
 from llm_research.methods.upcycle import upcycle
 from llm_research.models import TransformerConfig
+from llm_research.models.moe import MoEConfig
 from llm_research.models.norms import RMSNorm
 from llm_research.models.transformer import Block
 
 VOCAB = 61
 
 
-def dense(**overrides) -> TransformerConfig:
+def dense(moe: dict | None = None, **overrides) -> TransformerConfig:
+  """A tiny transformer (`moe`: its MoE group's fields, for an MoE model)."""
   base = dict(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
               head_dim=8, mlp_dim=48)
-  return TransformerConfig(**{**base, **overrides})
+  return TransformerConfig(**{**base, "moe": MoEConfig(**(moe or {})), **overrides})
 
 
 TOKENS = jax.random.randint(jax.random.key(0), (2, 13), 0, VOCAB)
@@ -50,12 +52,11 @@ def test_upcycled_model_computes_the_dense_function_at_step_0(scan, moe_every, t
                                                               capacity_factor):
   dense_config = dense(scan_layers=scan)
   params = random_params(dense_config, seed=2)
-  moe_config, moe_params = upcycle(dense_config, params, num_experts=4, top_k=top_k,
-                                   moe_every=moe_every, seed=3,
-                                   capacity_factor=capacity_factor)
-  assert (moe_config.mlp_impl, moe_config.num_experts, moe_config.moe_every,
-          moe_config.experts_per_token) == ("moe", 4, moe_every, top_k)
-  assert moe_config.renormalize_combine
+  moe = MoEConfig(num_experts=4, experts_per_token=top_k, every=moe_every,
+                  capacity_factor=capacity_factor)
+  moe_config, moe_params = upcycle(dense_config, params, moe=moe, seed=3)
+  assert (moe_config.mlp_impl, moe_config.moe) == ("moe", moe)
+  assert moe_config.moe.renormalize_combine
   want = logits_fn(dense_config)(params, TOKENS)
   np.testing.assert_allclose(logits_fn(moe_config)(moe_params, TOKENS), want, rtol=1e-5,
                              atol=1e-5)
@@ -81,27 +82,27 @@ def test_upcycled_model_differs_without_renormalised_combine_weights():
   """The property above is not free: the top-2 weights unrenormalised sum to less than 1."""
   dense_config = dense()
   params = random_params(dense_config, seed=2)
-  moe_config, moe_params = upcycle(dataclasses.replace(dense_config, renormalize_combine=False),
-                                   params, num_experts=4, top_k=2, moe_every=2)
+  moe_config, moe_params = upcycle(dense_config, params, moe=MoEConfig(
+      num_experts=4, experts_per_token=2, every=2, renormalize_combine=False))
   assert not np.allclose(logits_fn(moe_config)(moe_params, TOKENS),
                          logits_fn(dense_config)(params, TOKENS), atol=1e-3)
 
 
-@pytest.mark.parametrize("source, params_of, kwargs, message", [
-    (dense(), dense(), dict(num_experts=4, moe_every=3),
-     "model.moe_every=3 must divide num_layers=2"),
-    (dense(), dense(), dict(num_experts=2, top_k=3),
-     "model.experts_per_token=3 must be from 1 to num_experts=2"),
+@pytest.mark.parametrize("source, params_of, moe, message", [
+    (dense(), dense(), dict(num_experts=4, every=3),
+     "model.moe.every=3 must divide num_layers=2"),
+    (dense(), dense(), dict(num_experts=2, experts_per_token=3),
+     "model.moe.experts_per_token=3 must be from 1 to num_experts=2"),
     (dense(lora_rank=2), dense(lora_rank=2), dict(num_experts=4),
      "upcycle: the source has LoRA adapters"),
-    (dense(mlp_impl="moe", num_experts=2), dense(mlp_impl="moe", num_experts=2),
+    (dense(dict(num_experts=2), mlp_impl="moe"), dense(dict(num_experts=2), mlp_impl="moe"),
      dict(num_experts=4), "upcycle: the source has model.mlp_impl='moe'"),
     (dense(embed_dim=16), dense(), dict(num_experts=4),
      "upcycle: the params do not fit the dense config"),
 ], ids=["moe-every", "k-above-e", "lora", "moe-source", "shapes"])
-def test_upcycle_refuses_bad_input_in_one_line(source, params_of, kwargs, message):
+def test_upcycle_refuses_bad_input_in_one_line(source, params_of, moe, message):
   with pytest.raises(ConfigError, match=message) as raised:
-    upcycle(source, random_params(params_of), **kwargs)
+    upcycle(source, random_params(params_of), moe=MoEConfig(**moe))
   assert "\n" not in str(raised.value)
 
 
@@ -144,8 +145,8 @@ def test_depth_upscaling_with_drop_0_applies_the_layer_stack_twice():
 @pytest.mark.parametrize("config, drop, message", [
     (dense(), 2, "depth_upscale: drop=2 must be from 0 to num_layers - 1 = 1"),
     (dense(), -1, "depth_upscale: drop=-1 must be from 0"),
-    (dense(num_layers=4, mlp_impl="moe", num_experts=2, moe_every=4), 1,
-     "model.moe_every=4 must divide num_layers=6"),
+    (dense(dict(num_experts=2, every=4), num_layers=4, mlp_impl="moe"), 1,
+     "model.moe.every=4 must divide num_layers=6"),
 ])
 def test_depth_upscaling_refuses_bad_input_in_one_line(config, drop, message):
   with pytest.raises(ConfigError, match=message):
@@ -154,8 +155,8 @@ def test_depth_upscaling_refuses_bad_input_in_one_line(config, drop, message):
 
 def test_convert_composes_upscaling_and_upcycling_and_relays_out():
   """dense, 2 layers scanned -> MoE every other of 4 looped layers: layers [0, 1, 0, 1]."""
-  source, target = dense(num_layers=2), dense(num_layers=4, scan_layers=False, mlp_impl="moe",
-                                              num_experts=2, moe_every=2)
+  source, target = dense(num_layers=2), dense(dict(num_experts=2, every=2), num_layers=4,
+                                              scan_layers=False, mlp_impl="moe")
   params = random_params(source, seed=6)
   converted = convert(source, target, params, seed=0)
   old, _ = split_layers(source, params)
@@ -203,7 +204,7 @@ def dense_run(tiny_overrides, tmp_path_factory):
   return str(workdir)
 
 
-UPCYCLE = ["model.mlp_impl=moe", "model.num_experts=4", "model.moe_every=2"]
+UPCYCLE = ["model.mlp_impl=moe", "model.moe.num_experts=4", "model.moe.every=2"]
 STEP_0 = ["train.steps=1", "train.learning_rate=0.0"]  # params after the step are those at 0
 
 
@@ -274,8 +275,8 @@ def test_init_from_goes_from_and_to_an_lte_run(dense_run, tiny_overrides, tmp_pa
      "train.init_from='{dense}': model.num_layers=3 cannot come from 2 layers"),
     (["train.init_from={dense}", "data.tokenizer=sentencepiece"],
      "train.init_from='{dense}': data.tokenizer is 'byte' there, 'sentencepiece' here"),
-    (["train.init_from={dense}", *UPCYCLE, "model.moe_every=3"],
-     "model.moe_every=3 must divide num_layers=2"),
+    (["train.init_from={dense}", *UPCYCLE, "model.moe.every=3"],
+     "model.moe.every=3 must divide num_layers=2"),
 ], ids=["missing", "embed-dim", "odd-layers", "tokenizer", "moe-every"])
 def test_init_from_refuses_an_incompatible_source_in_one_line(overrides, message, dense_run,
                                                               tiny_overrides, tmp_path):

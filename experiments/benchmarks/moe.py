@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from llm_research.metrics import median_seconds
 from llm_research.models.mlp import MLPS
+from llm_research.models.moe import MoEConfig
 from llm_research.models.stack import AUX_LOSS, METRICS, collect_aux_losses
 from llm_research.models.transformer import TransformerConfig
 
@@ -37,12 +38,12 @@ def layer_config(args, path: str) -> TransformerConfig:
                            dtype=args.dtype, attention_impl="xla")
   if path == "dense":
     return dataclasses.replace(base, mlp_dim=args.top_k * args.mlp)
-  moe = dict(mlp_impl="moe", num_experts=args.experts, experts_per_token=args.top_k)
+  moe = MoEConfig(num_experts=args.experts, experts_per_token=args.top_k)
   if path == "capacity":
-    moe["capacity_factor"] = args.capacity_factor
+    moe = dataclasses.replace(moe, capacity_factor=args.capacity_factor)
   elif path == "expert_choice":
-    moe.update(moe_router="expert_choice", capacity_factor=float(args.top_k))
-  return dataclasses.replace(base, **moe)
+    moe = dataclasses.replace(moe, router="expert_choice", capacity_factor=float(args.top_k))
+  return dataclasses.replace(base, mlp_impl="moe", moe=moe)
 
 
 def measure(config: TransformerConfig, x: jax.Array, repeats: int) -> dict:

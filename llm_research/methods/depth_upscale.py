@@ -5,7 +5,7 @@
 The new stack is layers [0, n - m) followed by layers [m, n) of the old one (two copies of the
 model, the last m layers cut from the first and the first m from the second, joined); the
 embedding, final norm and head are copied. With m = 0 the model applies its layer stack twice.
-Each new layer is an exact copy of an old one. An MoE model up-scales too when `moe_every` (g)
+Each new layer is an exact copy of an old one. An MoE model up-scales too when `moe.every` (g)
 divides 2 (n - m): then every copied layer lands where the new config wants its kind (new layer
 i >= n - m copies old layer i - (n - 2m), and g divides n - 2m = 2 (n - m) - n). Works on
 scanned and looped layouts; training continues with a fresh optimizer
@@ -30,7 +30,7 @@ def depth_upscale(config, params, *, drop: int):
   difference = shape_difference(params, config)
   if difference:
     raise ConfigError(f"depth_upscale: the params do not fit the config ({difference})")
-  new_config = dataclasses.replace(config, num_layers=2 * (n - drop))  # checks moe_every
+  new_config = dataclasses.replace(config, num_layers=2 * (n - drop))  # checks moe.every
   layers, rest = split_layers(config, params)
   order = source_layers(n, drop)
   assert all(new_config.is_moe_layer(i) == config.is_moe_layer(old)

@@ -1,7 +1,7 @@
 """A transformer's params as a list of per-layer params, whatever their layout.
 
 The decoder stack stores layers scanned ("layers": every leaf [blocks, ...]) or looped
-("layers_0", "layers_1", ...), and an MoE model with `moe_every=g > 1` stores blocks of g layers
+("layers_0", "layers_1", ...), and an MoE model with `moe.every=g > 1` stores blocks of g layers
 ("layer_0" ... "layer_<g-1>" inside each block). Surgeries that move, copy or convert layers
 (depth up-scaling, upcycling) work on the plain list and let `join_layers` lay it out for the
 target config, so they handle every layout, and converting between layouts is free.
@@ -48,7 +48,7 @@ def join_layers(config, layers: list[dict], rest: dict) -> dict:
     try:
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
     except ValueError as error:  # layers of different structure cannot be scanned together
-      raise ConfigError(f"the layers do not form model.moe_every={config.moe_every} groups "
+      raise ConfigError(f"the layers do not form model.moe.every={config.moe.every} groups "
                         f"of one structure ({str(error).splitlines()[0]})") from None
     return {**rest, "layers": stacked}
   return {**rest, **{f"layers_{i}": block for i, block in enumerate(blocks)}}

@@ -1,10 +1,10 @@
 """Sparse upcycling (Komatsuzaki et al. 2023): a dense transformer -> an MoE transformer.
 
-    upcycle(dense_config, dense_params, *, num_experts, top_k=2, moe_every=2, router="top_k",
-            seed=0) -> (moe_config, moe_params)
+    upcycle(dense_config, dense_params, *, moe=MoEConfig(num_experts=8, every=2), seed=0)
+        -> (moe_config, moe_params)
 
-Every `moe_every`-th layer (the last of each group, as the MoE model places them; 2 = every
-other layer, as the paper) gets an MoE MLP whose `num_experts` experts are each a copy of that
+Every `moe.every`-th layer (the last of each group, as the MoE model places them; 2 = every
+other layer, as the paper) gets an MoE MLP whose `moe.num_experts` experts are each a copy of that
 layer's dense MLP ("gate", "up", "down" kernels, broadcast over a leading expert axis), with a
 fresh router (the MoE model's small init, from `seed`); every other param is copied. With top-k
 routing, renormalised combine weights and no dropped token (dropless, or capacity enough), the
@@ -21,16 +21,14 @@ import jax.numpy as jnp
 
 from llm_research.errors import ConfigError
 from llm_research.methods.layer_list import join_layers, shape_difference, split_layers
-from llm_research.models.moe import ROUTER_INIT_SCALE
+from llm_research.models.moe import ROUTER_INIT_SCALE, MoEConfig
 
 EXPERT_KERNELS = ("gate", "up", "down")
 
 
-def upcycle(dense_config, dense_params, *, num_experts: int, top_k: int = 2, moe_every: int = 2,
-            router: str = "top_k", seed: int = 0, capacity_factor: float | None = None):
-  """(moe_config, moe_params) of the dense model (dense_config, dense_params); the other MoE
-  settings (capacity_factor unless given, renormalize_combine, router loss weights) are
-  dense_config's."""
+def upcycle(dense_config, dense_params, *, moe: MoEConfig, seed: int = 0):
+  """(moe_config, moe_params) of the dense model (dense_config, dense_params): its config with
+  mlp_impl='moe' and the MoE settings `moe`."""
   if dense_config.mlp_impl != "swiglu":
     raise ConfigError(f"upcycle: the source has model.mlp_impl={dense_config.mlp_impl!r}; "
                       "it must be a dense ('swiglu') model")
@@ -40,11 +38,7 @@ def upcycle(dense_config, dense_params, *, num_experts: int, top_k: int = 2, moe
   difference = shape_difference(dense_params, dense_config)
   if difference:
     raise ConfigError(f"upcycle: the params do not fit the dense config ({difference})")
-  fields = dict(mlp_impl="moe", num_experts=num_experts, experts_per_token=top_k,
-                moe_every=moe_every, moe_router=router)
-  if capacity_factor is not None:
-    fields["capacity_factor"] = capacity_factor
-  moe_config = dataclasses.replace(dense_config, **fields)  # checks the values
+  moe_config = dataclasses.replace(dense_config, mlp_impl="moe", moe=moe)  # checks the values
 
   layers, rest = split_layers(dense_config, dense_params)
   keys = jax.random.split(jax.random.key(seed), len(layers))
@@ -52,10 +46,10 @@ def upcycle(dense_config, dense_params, *, num_experts: int, top_k: int = 2, moe
   for i, layer in enumerate(layers):
     if not moe_config.is_moe_layer(i):
       continue
-    mlp = {name: {"kernel": jnp.broadcast_to(layer["mlp"][name]["kernel"],
-                                             (num_experts, *layer["mlp"][name]["kernel"].shape))}
+    mlp = {name: {"kernel": jnp.broadcast_to(
+        layer["mlp"][name]["kernel"], (moe.num_experts, *layer["mlp"][name]["kernel"].shape))}
            for name in EXPERT_KERNELS}
     mlp["router"] = {"kernel": ROUTER_INIT_SCALE * embed**-0.5
-                     * jax.random.normal(keys[i], (embed, num_experts), jnp.float32)}
+                     * jax.random.normal(keys[i], (embed, moe.num_experts), jnp.float32)}
     layers[i] = {**layer, "mlp": mlp}
   return moe_config, join_layers(moe_config, layers, rest)

@@ -1,7 +1,7 @@
 """The MLP registry (`model.mlp_impl`): name -> module class built as `cls(config, name=...)`,
 mapping x [batch, length, embed] to the same shape, called as `(x, segment_ids)` (segment_ids
 [batch, length], 0 = padding): `swiglu`, and `moe` (moe.py: experts of SwiGLUs behind a router,
-in every `moe_every`-th layer; padding takes no expert)."""
+in every `moe.every`-th layer; padding takes no expert)."""
 import flax.linen as nn
 import jax
 

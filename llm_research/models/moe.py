@@ -1,4 +1,5 @@
-"""Mixture-of-experts MLP (`model.mlp_impl="moe"`): E SwiGLU experts and a router.
+"""Mixture-of-experts MLP (`model.mlp_impl="moe"`): E SwiGLU experts and a router, set by the
+model section's `moe` group (`MoEConfig`: `--config.model.moe.num_experts=8`, ...).
 
 Params (under the layer's "mlp"): "router"/"kernel" [embed, E] (float32 math, small init:
 normal with stddev ROUTER_INIT_SCALE / sqrt(embed), so fresh routers are near uniform) and per
@@ -6,7 +7,7 @@ projection "gate", "up" [expert, embed, mlp] and "down" [expert, mlp, embed] ("k
 leading logical axis "expert" the rules map onto the `expert` mesh axis. Each expert is the
 SwiGLU of mlp.py: down(silu(gate(x)) * up(x)).
 
-Routers (`model.moe_router`), over router probabilities p = softmax(x W_router) [tokens, E]:
+Routers (`model.moe.router`), over router probabilities p = softmax(x W_router) [tokens, E]:
   "top_k"          each token goes to its `experts_per_token` (k) most probable experts, weighted
                    by their probabilities, renormalised over the chosen k if
                    `renormalize_combine`. Two paths:
@@ -49,6 +50,7 @@ The dropless path runs inside shard_map on each device's rows with every expert'
 (gathered): expert parallelism is the capacity path's. (On CPU, XLA computes `ragged_dot` as a
 masked dense matmul over every expert; GPU and TPU have grouped kernels.)
 """
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -58,10 +60,51 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from llm_research.models.layers import constrain, map_shards, partition_spec
+from llm_research.models.registry import shape_field
 from llm_research.models.stack import sow_aux_loss, sow_metric
 
 MOE_ROUTERS = ("top_k", "expert_choice")
 ROUTER_INIT_SCALE = 0.1  # router stddev ROUTER_INIT_SCALE / sqrt(embed): logits ~ 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """A model's mixture-of-experts settings, its config section's `moe` group (used when
+  `mlp_impl="moe"`): `num_experts` SwiGLU experts in every `every`-th layer (1: all; 2: every
+  other, the last of each pair). `router` "top_k": `experts_per_token` (k) per token,
+  `capacity_factor` 0 = dropless, c > 0 = each expert takes at most ceil(c * k * length / E)
+  tokens of a row; "expert_choice": each expert takes ceil(c * length / E) tokens of a row
+  (c > 0). The router losses' weights: load balancing (top_k) and router z-loss."""
+
+  num_experts: int = shape_field(0)
+  experts_per_token: int = 2
+  router: str = "top_k"
+  capacity_factor: float = 0.0
+  every: int = shape_field(1)
+  renormalize_combine: bool = True
+  load_balance_weight: float = 0.01
+  router_z_loss_weight: float = 0.001
+
+  def problems(self, num_layers: int) -> list[str]:
+    """What this group gets wrong for an MoE model of `num_layers` layers: "<field>=<value>
+    <why>" each, the field relative to the group."""
+    found = []
+
+    def need(ok: bool, field: str, why: str) -> None:
+      if not ok:
+        found.append(f"{field}={getattr(self, field)!r} {why}")
+    need(self.num_experts >= 1, "num_experts", "must be at least 1 with mlp_impl='moe'")
+    need(self.router in MOE_ROUTERS, "router", f"is not one of {sorted(MOE_ROUTERS)}")
+    need(1 <= self.experts_per_token <= max(self.num_experts, 1), "experts_per_token",
+         f"must be from 1 to num_experts={self.num_experts}")
+    need(self.capacity_factor >= 0, "capacity_factor", "must not be negative (0: dropless top_k)")
+    need(self.router != "expert_choice" or self.capacity_factor > 0, "capacity_factor",
+         "cannot hold a token: router='expert_choice' needs a positive capacity factor")
+    need(self.every >= 1 and num_layers % self.every == 0, "every",
+         f"must divide num_layers={num_layers}")
+    for field in ("load_balance_weight", "router_z_loss_weight"):
+      need(getattr(self, field) >= 0, field, "must not be negative")
+    return found
 
 
 def expert_capacity(group_size: int, num_experts: int, factor: float, k: int = 1) -> int:
@@ -176,20 +219,20 @@ class _Kernel(nn.Module):
 
 
 class MoE(nn.Module):
-  """[batch, length, embed] -> [batch, length, embed] through `config.num_experts` experts;
+  """[batch, length, embed] -> [batch, length, embed] through `config.moe.num_experts` experts;
   `segment_ids` [batch, length] (optional) mark padding (0), which routing leaves out."""
 
   config: "TransformerConfig"  # noqa: F821 (transformer.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    cfg = self.config
+    cfg, moe = self.config, self.config.moe
     batch, length, embed = x.shape
     real = (jnp.ones((batch, length), jnp.bool_) if segment_ids is None
             else segment_ids > 0)  # [batch, length]: not padding
     real_mean = lambda v: (jnp.sum(v * real[..., None], axis=(0, 1))
                            / jnp.maximum(jnp.sum(real), 1))  # [batch, length, n] -> [n]
-    num_experts, k = cfg.num_experts, cfg.experts_per_token
+    num_experts, k = moe.num_experts, moe.experts_per_token
     router = _Kernel((embed, num_experts), ("embed", None), 0, ROUTER_INIT_SCALE,
                      name="router")()
     weights = [
@@ -200,26 +243,26 @@ class MoE(nn.Module):
 
     logits = jnp.einsum("bld,de->ble", x.astype(jnp.float32), router)  # float32
     probs = jax.nn.softmax(logits, axis=-1)
-    if cfg.router_z_loss_weight > 0:
+    if moe.router_z_loss_weight > 0:
       z = real_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1, keepdims=True)))[0]
-      sow_aux_loss(self, "router_z_loss", cfg.router_z_loss_weight * z)
+      sow_aux_loss(self, "router_z_loss", moe.router_z_loss_weight * z)
 
-    if cfg.moe_router == "expert_choice":
+    if moe.router == "expert_choice":
       routing = expert_choice_routing(
-          probs, expert_capacity(length, num_experts, cfg.capacity_factor), real)
+          probs, expert_capacity(length, num_experts, moe.capacity_factor), real)
       y = dispatch_experts(x, routing, *weights)
       dropped = routing.dropped
     else:
-      gates, experts, _ = top_k_gates(probs, k, cfg.renormalize_combine)
+      gates, experts, _ = top_k_gates(probs, k, moe.renormalize_combine)
       gates *= real[..., None]  # padding: no expert's output
-      if cfg.load_balance_weight > 0:
+      if moe.load_balance_weight > 0:
         routed = real_mean(jnp.sum(jax.nn.one_hot(experts, num_experts), axis=2))  # [E]
         balance = num_experts * jnp.sum(routed / k * real_mean(probs))
-        sow_aux_loss(self, "load_balance", cfg.load_balance_weight * balance)
-      if cfg.capacity_factor > 0:
+        sow_aux_loss(self, "load_balance", moe.load_balance_weight * balance)
+      if moe.capacity_factor > 0:
         routing = top_k_capacity_routing(
-            probs, k, expert_capacity(length, num_experts, cfg.capacity_factor, k),
-            cfg.renormalize_combine, real)
+            probs, k, expert_capacity(length, num_experts, moe.capacity_factor, k),
+            moe.renormalize_combine, real)
         y = dispatch_experts(x, routing, *weights)
         dropped = routing.dropped
       else:

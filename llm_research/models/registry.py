@@ -20,11 +20,13 @@ Optional, looked up with getattr (the transformer defines none; bGPT, models/bgp
     data_options()                          keyword arguments of the data iterators
     check_data(data_config)                 refuses `data.*` values at config-check time
     HEAD_KEYS                               shape keys `train.init_from` may change
+    LEGACY_KEYS                             old config.json keys -> 'group.field' (moved)
 
 The dataclass is the one place a model's defaults live: `config.model` is `name` plus the
 fields of that model's class with their defaults (`config_section`; `--config.model.name=bgpt`
-gives bGPT's), and the fields declared with `shape_field` are the keys that fix the shapes of
-a run's checkpoints.
+gives bGPT's). A field whose default is itself a dataclass (`default_factory`) is a group of
+settings, a sub-section of its own (the transformer's `moe`: `model.moe.num_experts`). The
+fields declared with `shape_field` are the keys that fix the shapes of a run's checkpoints.
 """
 import dataclasses
 from typing import Any
@@ -58,9 +60,28 @@ def _configurable_fields(cls) -> list[dataclasses.Field]:
   return [f for f in dataclasses.fields(cls) if f.name != "vocab_size"]
 
 
+def _group_class(field: dataclasses.Field):
+  """The dataclass of a field that is a group of settings (e.g. the transformer's `moe`:
+  MoEConfig, a sub-section `model.moe.*`), else None."""
+  if field.default_factory is dataclasses.MISSING:
+    return None
+  default = field.default_factory()
+  return type(default) if dataclasses.is_dataclass(default) else None
+
+
+def _defaults(cls) -> dict:
+  """{field: default} of a config class, a group's as a nested dict."""
+  defaults = {}
+  for f in _configurable_fields(cls):
+    group = _group_class(f)
+    defaults[f.name] = _defaults(group) if group else f.default
+  return defaults
+
+
 def config_section(name: str = DEFAULT_MODEL) -> dict:
-  """The config's model section for model `name`: `name` and its fields with their defaults."""
-  return {"name": name, **{f.name: f.default for f in _configurable_fields(model_class(name))}}
+  """The config's model section for model `name`: `name` and its fields with their defaults
+  (a group of settings as a sub-section)."""
+  return {"name": name, **_defaults(model_class(name))}
 
 
 def model_class(name: str) -> type:
@@ -69,17 +90,56 @@ def model_class(name: str) -> type:
   return MODELS[name]
 
 
+def _build(cls, section, **given):
+  """An instance of config class `cls` from `section`'s keys (a group from its sub-section);
+  a key the section lacks takes its default."""
+  values = dict(given)
+  for f in _configurable_fields(cls):
+    group = _group_class(f)
+    if group:
+      values[f.name] = _build(group, section.get(f.name) or {})
+    elif f.name in section:
+      values[f.name] = section[f.name]
+  return cls(**values)
+
+
+def upgraded_section(section) -> dict:
+  """A model section (a dict) with the keys a config.json written by an older layout holds
+  moved where the model's class has them now (its LEGACY_KEYS: old key -> 'group.field')."""
+  cls = model_class(section.get("name", DEFAULT_MODEL))
+  section = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in section.items()}
+  for old, new in getattr(cls, "LEGACY_KEYS", {}).items():
+    if old in section:
+      group, field = new.split(".")
+      section.setdefault(group, {}).setdefault(field, section.pop(old))
+  return section
+
+
 def model_config(model_section, vocab_size: int):
-  """The registered config of `model_section.name`, built from the section's keys; a key the
-  section lacks (a run's config.json written before the field existed) takes its default,
-  and keys that are not the model's fields are ignored (a config.json written before each
-  model had its own section holds every registered model's fields: it loads as it is)."""
+  """The registered config of `model_section.name`, built from the section's keys. Old runs'
+  config.json load as they are: a key the section lacks (written before the field existed)
+  takes its default, keys that are not the model's fields are ignored (a config.json written
+  before each model had its own section holds every registered model's fields), and keys the
+  model moved into a group are read from where they were (its LEGACY_KEYS)."""
   cls = model_class(model_section.get("name", DEFAULT_MODEL))
-  return cls(vocab_size=vocab_size, **{f.name: model_section.get(f.name, f.default)
-                                       for f in _configurable_fields(cls)})
+  return _build(cls, upgraded_section(model_section), vocab_size=vocab_size)
 
 
 def shape_keys(name: str) -> tuple[str, ...]:
-  """The model keys whose values fix the shapes of `name`'s params."""
-  return tuple(f.name for f in _configurable_fields(model_class(name))
-               if f.metadata.get("shapes"))
+  """The model keys whose values fix the shapes of `name`'s params ('moe.num_experts' for a
+  group's field)."""
+  def keys(cls, prefix=""):
+    for f in _configurable_fields(cls):
+      group = _group_class(f)
+      if group:
+        yield from keys(group, f"{prefix}{f.name}.")
+      elif f.metadata.get("shapes"):
+        yield prefix + f.name
+  return tuple(keys(model_class(name)))
+
+
+def field_value(model_config, key: str):
+  """The value of a model key ('num_layers', or 'moe.num_experts') in a model config."""
+  for name in key.split("."):
+    model_config = getattr(model_config, name)
+  return model_config

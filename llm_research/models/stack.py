@@ -4,7 +4,7 @@ The transformer and bGPT's patch and byte decoders all build their layers with `
 A block is a module class built as `block(config, decode, cache_len)` whose `__call__(x,
 positions, segment_ids)` returns the new x; it may keep a 'cache' (decoding), sow auxiliary
 losses (`sow_aux_loss`) and metrics (`sow_metric`). A block may hold several layers (the MoE
-transformer scans groups of `moe_every` layers): `num_blocks` says how many to stack. Under scan
+transformer scans groups of `moe.every` layers): `num_blocks` says how many to stack. Under scan
 every collection gets a leading layers axis, so params are stored [layers, ...] (one entry per
 block) with the logical axis "layers".
 """

@@ -6,10 +6,10 @@ the MLP registry (SwiGLU by default), RMSNorm, no biases. Params are float32; co
 named policy. Projections are `Linear`s of base `linear_impl`, with LoRA adapters when
 `lora_rank > 0`; the embedding and the output head stay dense.
 
-With `mlp_impl="moe"` every `moe_every`-th layer's MLP is a mixture of experts (moe.py; its
-experts are dense, without adapters). For `moe_every > 1` the stack repeats a `LayerGroup` of
-`moe_every` layers, the last one MoE, whose params sit under "layers/layer_<j>" (scanned:
-[num_layers / moe_every, ...]); with `moe_every=1`, and for a dense model, the layout is the
+With `mlp_impl="moe"` every `moe.every`-th layer's MLP is a mixture of experts (moe.py; its
+experts are dense, without adapters). For `moe.every > 1` the stack repeats a `LayerGroup` of
+`moe.every` layers, the last one MoE, whose params sit under "layers/layer_<j>" (scanned:
+[num_layers / moe.every, ...]); with `moe.every=1`, and for a dense model, the layout is the
 plain one.
 """
 import dataclasses
@@ -26,7 +26,7 @@ from llm_research.models.attention import (ATTENTION_IMPLS, CUDNN_DTYPES, CUDNN_
                                            Attention, resolve_attention_impl)
 from llm_research.models.linear import LINEAR_BASES, Linear, LoRA
 from llm_research.models.mlp import MLPS
-from llm_research.models.moe import MOE_ROUTERS
+from llm_research.models.moe import MoEConfig
 from llm_research.models.norms import RMSNorm
 from llm_research.models.layers import constrain
 from llm_research.models.stack import REMAT_POLICIES, decoder_stack
@@ -59,20 +59,14 @@ class TransformerConfig:
   lora_alpha: float = 16.0
   lora_heads: int = shape_field(1)
   mlp_impl: str = shape_field("swiglu")
-  # Mixture of experts (mlp_impl="moe", moe.py): num_experts SwiGLU experts in every
-  # moe_every-th layer (1: all; 2: every other, the last of each pair). moe_router "top_k":
-  # experts_per_token (k) per token, capacity_factor 0 = dropless, c > 0 = each expert takes at
-  # most ceil(c * k * length / E) tokens of a row; "expert_choice": each expert takes
-  # ceil(c * length / E) tokens of a row (c > 0). Router losses weigh the load-balancing loss
-  # (top_k) and the router z-loss.
-  num_experts: int = shape_field(0)
-  experts_per_token: int = 2
-  moe_router: str = "top_k"
-  capacity_factor: float = 0.0
-  moe_every: int = shape_field(1)
-  renormalize_combine: bool = True
-  load_balance_weight: float = 0.01
-  router_z_loss_weight: float = 0.001
+  # Mixture of experts (mlp_impl="moe"): the `moe` group of the model section (moe.py).
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+  # Config keys of runs written before the MoE settings were a group (their config.json).
+  LEGACY_KEYS = {"num_experts": "moe.num_experts", "experts_per_token": "moe.experts_per_token",
+                 "moe_router": "moe.router", "capacity_factor": "moe.capacity_factor",
+                 "moe_every": "moe.every", "renormalize_combine": "moe.renormalize_combine",
+                 "load_balance_weight": "moe.load_balance_weight",
+                 "router_z_loss_weight": "moe.router_z_loss_weight"}
 
   def __post_init__(self):
     def check(ok, msg):
@@ -104,36 +98,22 @@ class TransformerConfig:
 
   def _check_moe(self, check):
     moe = self.mlp_impl == "moe"
-    check(moe or self.num_experts == 0,
-          f"num_experts={self.num_experts} needs mlp_impl='moe' (0: a dense model)")
+    check(moe or self.moe.num_experts == 0,
+          f"moe.num_experts={self.moe.num_experts} needs mlp_impl='moe' (0: a dense model)")
     if not moe:
       return
-    check(self.num_experts >= 1, f"num_experts={self.num_experts} must be at least 1 with "
-          "mlp_impl='moe'")
-    check(self.moe_router in MOE_ROUTERS,
-          f"moe_router={self.moe_router!r} is not one of {sorted(MOE_ROUTERS)}")
-    check(1 <= self.experts_per_token <= self.num_experts,
-          f"experts_per_token={self.experts_per_token} must be from 1 to "
-          f"num_experts={self.num_experts}")
-    check(self.capacity_factor >= 0,
-          f"capacity_factor={self.capacity_factor} must not be negative (0: dropless top_k)")
-    check(self.moe_router != "expert_choice" or self.capacity_factor > 0,
-          f"capacity_factor={self.capacity_factor} cannot hold a token: moe_router="
-          "'expert_choice' needs a positive capacity factor")
-    check(self.moe_every >= 1 and self.num_layers % self.moe_every == 0,
-          f"moe_every={self.moe_every} must divide num_layers={self.num_layers}")
-    for name in ("load_balance_weight", "router_z_loss_weight"):
-      check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must not be negative")
+    for problem in self.moe.problems(self.num_layers):
+      check(False, f"moe.{problem}")
     check(self.linear_impl == "dense", f"linear_impl={self.linear_impl!r}: the experts of "
           "mlp_impl='moe' are dense")
 
   @property
   def layer_group(self) -> int:
-    """Layers per scanned block: `moe_every` for an MoE model (its last layer MoE), else 1."""
-    return self.moe_every if self.mlp_impl == "moe" else 1
+    """Layers per scanned block: `moe.every` for an MoE model (its last layer MoE), else 1."""
+    return self.moe.every if self.mlp_impl == "moe" else 1
 
   def is_moe_layer(self, layer: int) -> bool:
-    return self.mlp_impl == "moe" and (layer + 1) % self.moe_every == 0
+    return self.mlp_impl == "moe" and (layer + 1) % self.moe.every == 0
 
   def _check_attention(self, check):
     """The kernel `attention_impl` resolves to on this backend takes this dtype and head_dim."""
@@ -173,7 +153,8 @@ class TransformerConfig:
 
   def num_params(self, include_embeddings: bool = True, *, active: bool = False) -> int:
     """Parameters; with `active`, those one token uses (an MoE layer: the router and the
-    experts_per_token experts of top_k, capacity_factor experts on average of expert_choice)."""
+    moe.experts_per_token experts of top_k, moe.capacity_factor experts on average of
+    expert_choice)."""
     e, q, kv, m = (self.embed_dim, self.num_heads * self.head_dim,
                    self.num_kv_heads * self.head_dim, self.mlp_dim)
     attention = [(e, q), (e, kv), (e, kv), (q, e)]  # (fan in, fan out)
@@ -183,12 +164,12 @@ class TransformerConfig:
                                     * sum(i + o for i, o in projections))
     norms = 2 * e
     dense_layer = weights(attention + mlp) + adapters(attention + mlp) + norms
-    experts = self.num_experts
+    experts = self.moe.num_experts
     if active:
-      experts = (self.experts_per_token if self.moe_router == "top_k"
-                 else self.capacity_factor)
+      experts = (self.moe.experts_per_token if self.moe.router == "top_k"
+                 else self.moe.capacity_factor)
     moe_layer = (weights(attention) + adapters(attention) + experts * weights(mlp)
-                 + e * self.num_experts + norms)  # experts have no adapters; + the router
+                 + e * self.moe.num_experts + norms)  # experts have no adapters; + the router
     moe_layers = sum(self.is_moe_layer(i) for i in range(self.num_layers))
     layers = (self.num_layers - moe_layers) * dense_layer + moe_layers * moe_layer
     embeddings = self.vocab_size * e * (1 if self.tie_embeddings else 2)
@@ -225,7 +206,7 @@ class Block(nn.Module):
 
 
 class LayerGroup(nn.Module):
-  """`config.moe_every` layers ("layer_0", ...), all dense but the last (MoE): the block the
+  """`config.moe.every` layers ("layer_0", ...), all dense but the last (MoE): the block the
   stack repeats when MoE layers alternate with dense ones."""
 
   config: TransformerConfig
@@ -235,8 +216,8 @@ class LayerGroup(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg = self.config
-    for j in range(cfg.moe_every):
-      mlp_impl = "moe" if j == cfg.moe_every - 1 else "swiglu"
+    for j in range(cfg.moe.every):
+      mlp_impl = "moe" if j == cfg.moe.every - 1 else "swiglu"
       x = Block(cfg, self.decode, self.cache_len, mlp_impl, name=f"layer_{j}")(
           x, positions, segment_ids)
     return x

@@ -27,9 +27,9 @@ from llm_research.training.state import (AfterStepHook, TrainState, apply_hooks,
                                           step_key)
 from llm_research.training.trainer import Trainer
 
-__all__ = ["AfterStepHook", "METHODS", "MEAN", "PREEMPTED_EXIT_STATUS", "Preempted", "Standard",
-           "TrainState", "Trainer", "TrainingMethod", "apply_hooks", "batch_losses", "check_config_values",
-           "checked_mesh", "data_options", "learning_rate_schedule", "lte", "make_optimizer",
-           "method_class", "model_config_from", "model_objective", "param_path", "register",
-           "shape_keys", "standard", "step_key", "token_losses", "train_and_evaluate",
-           "train_step", "trainable_mask", "unigram_baseline"]
+__all__ = ["AfterStepHook", "apply_hooks", "batch_losses", "check_config_values", "checked_mesh",
+           "data_options", "learning_rate_schedule", "lte", "make_optimizer", "MEAN",
+           "method_class", "METHODS", "model_config_from", "model_objective", "param_path",
+           "Preempted", "PREEMPTED_EXIT_STATUS", "register", "shape_keys", "Standard", "standard",
+           "step_key", "token_losses", "train_and_evaluate", "train_step", "trainable_mask",
+           "Trainer", "TrainingMethod", "TrainState", "unigram_baseline"]

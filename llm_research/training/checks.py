@@ -46,8 +46,7 @@ def checked_mesh(config) -> jax.sharding.Mesh:
 def need(config, ok: bool, key: str, what: str) -> None:
   """Raises "<key>=<its value> <what>" unless `ok`."""
   if not ok:
-    section, name = key.split(".")
-    raise ConfigError(f"{key}={config[section][name]!r} {what}")
+    raise ConfigError(f"{key}={_value(config, key)!r} {what}")
 
 
 def check_config_values(config) -> None:
@@ -113,6 +112,15 @@ def shape_keys(config) -> tuple[str, ...]:
           + method_class(config.train.method).shape_keys)
 
 
+def _value(tree, key: str):
+  """The value at a dotted key ('model.moe.num_experts') of a config or dict; None if absent."""
+  for name in key.split("."):
+    if name not in tree:
+      return None
+    tree = tree[name]
+  return tree
+
+
 def check_same_shapes(config, workdir: str) -> None:
   """Refuses a config whose checkpoints could not be those already in `workdir`."""
   path = os.path.join(workdir, "config.json")
@@ -120,10 +128,11 @@ def check_same_shapes(config, workdir: str) -> None:
     return
   with open(path) as f:
     previous = json.load(f)
+  if "model" in previous:  # keys an older layout held elsewhere: where they are now
+    previous["model"] = registry.upgraded_section(previous["model"])
   changed = []
   for key in shape_keys(config):
-    section, name = key.split(".")
-    before, now = previous.get(section, {}).get(name), config[section][name]
+    before, now = _value(previous, key), _value(config, key)
     if before is not None and before != now:
       changed.append(f"{key}: {before!r} there, {now!r} here")
   if changed:
