@@ -89,11 +89,13 @@ class Checkpointer:
       return restored.state, step
     if unreadable:
       failures = "; ".join(f"step {s}: {_describe(e, limit=100)}" for s, e in unreadable)
+      advice = ("this run has nothing to read" if self.read_only else
+                f"To start this run over from step 0, move {self.workdir / 'checkpoints'} aside "
+                f"(e.g. to {self.workdir / 'corrupt_checkpoints'}/all) and run the same command "
+                "again, or use a new --workdir")
       raise ConfigError(
           f"none of the {len(steps)} checkpoints in {self.workdir / 'checkpoints'} can be "
-          f"restored ({failures}); nothing was moved. To start this run over from step 0, move "
-          f"{self.workdir / 'checkpoints'} aside (e.g. to {self.workdir / 'corrupt_checkpoints'}"
-          "/all) and run the same command again, or use a new --workdir")
+          f"restored ({failures}); nothing was moved: {advice}")
     return None, 0
 
   def _saved_state_metadata(self, step: int):

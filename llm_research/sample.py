@@ -77,7 +77,7 @@ def display(config, tokenizer):
   if config.data.source != "bytes":
     return tokenizer.decode, lambda prompt: prompt
   return (lambda ids: printable(tokenizer.decode_bytes(ids))), (
-      lambda prompt: printable(prompt.encode()))
+      lambda prompt: printable(bytes(tokenizer.encode(prompt))))
 
 
 def printable(data: bytes) -> str:

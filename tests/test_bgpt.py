@@ -315,6 +315,10 @@ def test_sample_cli_escapes_the_bytes_a_terminal_cannot_show(generative_run, cap
   texts = sample.main(["--workdir", workdir, "--prompt", "\x01a"])
   assert texts == [sample.printable(written)]
   assert capsys.readouterr().out == f"--- step 6, prompt '\\x01a' ---\n\\x01a{texts[0]}\n"
+  # A prompt byte that is not UTF-8 ($'\xff' in a shell: Python's argv holds it as '\udcff')
+  # is that byte, shown escaped.
+  sample.main(["--workdir", workdir, "--prompt", "\udcff", "--max_new_tokens", "0"])
+  assert capsys.readouterr().out == "--- step 6, prompt '\\udcff' ---\n\\xff\n"
 
 
 def test_fine_tuning_a_classifier_from_a_generative_run(generative_run, classifier_run):

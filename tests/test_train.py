@@ -270,9 +270,13 @@ def test_no_readable_checkpoint_is_an_error_and_moves_nothing(reference_run, tin
   message = raised.value.code
   assert message.startswith(f"error: none of the 2 checkpoints in {workdir}/checkpoints can be "
                             "restored (step 6: "), message
-  assert "nothing was moved. To start this run over from step 0, move" in message
+  assert "nothing was moved: To start this run over from step 0, move" in message
   assert "\n" not in message
   assert counter.steps == []  # not silently from step 0
+  # A reader (sample, pack) says what it could not read, not how to restart training.
+  with pytest.raises(SystemExit, match="can be restored .*nothing was moved: this run has "
+                                       "nothing to read$"):
+    sample.main(["--workdir", workdir])
   assert snapshot(workdir) == before
   assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 

@@ -56,7 +56,9 @@ class RawByteTokenizer:
   pad_id = bos_id = eos_id = 256
 
   def encode(self, text: str) -> list[int]:
-    return self.encode_bytes(text.encode("utf-8"))
+    # surrogateescape: bytes a command line gave that are not UTF-8 (Python decodes argv so)
+    # come back as the bytes they were.
+    return self.encode_bytes(text.encode("utf-8", errors="surrogateescape"))
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.decode_bytes(ids).decode("utf-8", errors="replace")
