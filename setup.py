@@ -28,10 +28,15 @@ setup(
         "matplotlib>=3.11.2",  # the notebooks' and experiments' figures
         "music21>=10.5.1",  # bGPT's ABC tunes and their MIDI files (data/abc_midi.py)
         "scikit-learn>=1.9.1",  # bGPT's digit images (data/media.py)
+        "safetensors>=0.8.0",  # Hugging Face checkpoints, read with numpy (convert.py)
+        "tokenizers>=0.23.3",  # Hugging Face tokenizer.json files (data/tokenizers.py)
     ],
     extras_require={
         "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "nbclient>=0.11.0", "nbformat>=5.11.1",
-                 "ipykernel>=7.4.0", "portpicker>=1.6.0"],
+                 "ipykernel>=7.4.0", "portpicker>=1.6.0",
+                 # tests/test_convert.py compares with transformers; torch pinned to its CPU
+                 # build's version (any other pulls a multi-GB CUDA build).
+                 "transformers>=5.25.0", "torch==2.13.0"],
         # JAX's own extras: the CUDA 13 wheels (NVIDIA driver 580 or newer), or libtpu.
         "cuda": ["jax[cuda13]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],

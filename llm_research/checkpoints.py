@@ -205,6 +205,15 @@ def _params_manager(workdir: str, *, create: bool) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(create=create))
 
 
+def holds_params_only(workdir: str) -> bool:
+  """True for an inference run (`save_params`'s: llm_research.pack's, llm_research.convert's):
+  its newest checkpoint holds params alone, no train state."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) \
+      else []
+  return bool(steps) and os.path.isdir(os.path.join(directory, str(max(steps)), "params"))
+
+
 def save_params(workdir: str, step: int, params) -> None:
   """Writes `params` alone (no optimizer state, no data position) as `workdir`'s checkpoint
   `step`, and waits until it is on disk."""

@@ -31,12 +31,16 @@ def base_config(model: str = registry.DEFAULT_MODEL) -> ml_collections.ConfigDic
   # byte_dataset "cpu_states" | "abc_to_midi" | "midi_to_abc" | "digits_bmp" | "wav_tones" (local
   # TFDS builders, config byte_config: "tiny" | "full", cpu_states also "1k" | "10k" | "100k")
   # or "files" (every file under byte_dir is one example); seq_len is then bytes per row.
+  # source="preferences" is DPO's pairs: preference_dataset "cpu_states" | "jsonl" (from
+  # preference_file).
   cache = os.path.join(os.path.expanduser("~"), ".cache", "llm_research")
   c.data = ml_collections.ConfigDict(dict(
       source="stdlib", stdlib_config="full", tfds_name="", text_key="text", text_dir="",
       byte_dataset="cpu_states", byte_config="full", byte_dir="",
+      preference_dataset="cpu_states", preference_file="",
       data_dir=os.path.join(cache, "tensorflow_datasets"), cache_dir=cache,
-      tokenizer="sentencepiece", vocab_size=4096, seq_len=256, shuffle_seed=0,
+      tokenizer="sentencepiece", vocab_size=4096, tokenizer_file="", seq_len=256,
+      shuffle_seed=0,
       eval_split="validation"))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -48,7 +52,7 @@ def base_config(model: str = registry.DEFAULT_MODEL) -> ml_collections.ConfigDic
       # model configs imply (depth up-scaling, MoE upcycling), with a fresh optimizer.
       init_from="",
       # A registered training method (llm_research/training/method.py): "standard", "lte"
-      # (LoRA-the-Explorer); a method's own keys are in the config section named after it.
+      # (LoRA-the-Explorer), "dpo"; a method's own keys are in the config section named after it.
       method=training.DEFAULT_METHOD,
 
       log_every=10, eval_every=200, eval_batches=16,

@@ -6,7 +6,8 @@ and starts at step 0 with a fresh optimizer state (as sparse upcycling and SOLAR
 data from its start (data.shuffle_seed decides the order). A run that already has checkpoints
 resumes from them and ignores the key. Either run may have any training method: the source's
 model params are what its method hands to evaluation (an LTE run's main params, merged), and
-this run's method builds its state from the converted params.
+this run's method builds its state from the converted params. The source may also be an
+inference run of params alone (`llm_research.convert from-hf`'s, `llm_research.pack`'s).
 
 The surgery, from what differs between the source run's config.json and this config:
   - model.num_layers n -> 2 (n - m): depth up-scaling with drop m (methods/depth_upscale.py);
@@ -33,7 +34,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llm_research import sharding
+from llm_research import checkpoints, sharding
 from llm_research.data import pipeline
 from llm_research.errors import ConfigError
 from llm_research.methods.depth_upscale import depth_upscale
@@ -176,11 +177,27 @@ def initial_params(source: Source, source_method, target, mesh, rules, *, seed: 
   """The source's newest model params, converted to the model `target`: its state's params,
   read sharded over `mesh` as `rules` say, then the model params `source_method` (the source
   run's training method, a llm_research.training.TrainingMethod) hands to evaluation."""
-  boxed = jax.eval_shape(lambda p: source_method.init(p, jax.random.key(0))[0],
-                         _abstract_params(source.model_config, boxed=True))
+  params_only = checkpoints.holds_params_only(source.workdir)  # convert's, pack's: no state
+  boxed = _abstract_params(source.model_config, boxed=True)
+  if not params_only:
+    boxed = jax.eval_shape(lambda p: source_method.init(p, jax.random.key(0))[0], boxed)
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           nn.meta.unbox(boxed), shardings)
+  if params_only:
+    params, _ = checkpoints.restore_params(source.workdir, abstract)
+  else:
+    params = _restore_model_params(source, source_method, abstract, mesh, rules)
+  params = convert(source.model_config, target, params, seed=seed)
+  difference = shape_difference(params, target)
+  if difference:  # convert promises the target's shapes: a bug if not
+    raise AssertionError(f"init_from: converted params do not fit the model ({difference})")
+  return params
+
+
+def _restore_model_params(source: Source, source_method, abstract, mesh, rules):
+  """The model params of the source's train state at its newest step (`abstract`: its
+  state's params, sharded)."""
   manager = _read_only_manager(source.workdir)
   try:
     restored = manager.restore(source.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -194,9 +211,4 @@ def initial_params(source: Source, source_method, target, mesh, rules, *, seed: 
   finally:
     manager.close()
   with sharding.activate(mesh, rules):
-    params = jax.jit(source_method.model_params)(restored.state["params"])
-  params = convert(source.model_config, target, params, seed=seed)
-  difference = shape_difference(params, target)
-  if difference:  # convert promises the target's shapes: a bug if not
-    raise AssertionError(f"init_from: converted params do not fit the model ({difference})")
-  return params
+    return jax.jit(source_method.model_params)(restored.state["params"])

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from llm_research import data, decode, training
-from llm_research.checkpoints import Checkpointer, restore_params
+from llm_research.checkpoints import Checkpointer, holds_params_only, restore_params
 from llm_research.errors import ConfigError
 from llm_research.methods.ternary_packing import abstract_params
 
@@ -31,11 +31,14 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_run(workdir: str, to: str = "sample from"):
   """(config, tokenizer, model_config, params, step) of the newest good checkpoint in
-  `workdir`: a training run, or an inference run written by `llm_research.pack`. Only reads
-  the workdir; `to` says in an error what the run was loaded for ("pack")."""
+  `workdir`: a training run, or an inference run written by `llm_research.pack` or
+  `llm_research.convert`. Only reads the workdir; `to` says in an error what the run was loaded
+  for ("pack")."""
   config = read_config(workdir)
   tokenizer = data.get_tokenizer(config.data)
-  if config.model.get("linear_impl") == "ternary_packed":  # written by llm_research.pack
+  # An inference run (params alone): convert's, or pack's (known by its config even when its
+  # checkpoint is damaged, so that the error is about that checkpoint).
+  if config.model.get("linear_impl") == "ternary_packed" or holds_params_only(workdir):
     model_config = training.model_config_from(config, tokenizer.vocab_size)
     params, step = restore_params(workdir, abstract_params(model_config))
     return config, tokenizer, model_config, params, step

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny experiment config on the tiny stdlib corpus, built once per session."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,3 +70,23 @@ def beside_eight_devices(worker_args, log_path, here):
     assert worker.returncode == 0, log.read()[-6000:]
   return result
 
+
+
+def preempted_then_resumed(config, workdir: str, monkeypatch, *, at: int = 2) -> None:
+  """Trains `config` in `workdir` with a real SIGTERM (through the run's own handler) after
+  step `at`, checks the run stopped there, saved, then trains it again to the end (resumed)."""
+  from llm_research import training
+  from llm_research.metrics import read_metrics
+  real_step = training.Trainer.step
+
+  def step_then_sigterm(trainer, state, batch):
+    state, metrics = real_step(trainer, state, batch)
+    if int(state.step) == at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return state, metrics
+
+  with monkeypatch.context() as patch, pytest.raises(training.Preempted):
+    patch.setattr(training.Trainer, "step", step_then_sigterm)
+    training.train_and_evaluate(config, workdir)
+  assert [r["step"] for r in read_metrics(workdir)][-1] == at
+  training.train_and_evaluate(config, workdir)

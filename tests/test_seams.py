@@ -7,9 +7,7 @@ import ast
 import dataclasses
 import functools
 import json
-import os
 import pathlib
-import signal
 
 import flax.linen as nn
 import jax
@@ -207,7 +205,7 @@ def test_a_method_registered_in_a_test_file_trains_checkpoints_and_resumes(
   run again, it repeats the uninterrupted run exactly, the step keys (the model's "dropout"
   stream) included: a new key every step, the same ones after resuming."""
   from llm_research.config import load_config
-  from conftest import TINY_CONFIG
+  from conftest import TINY_CONFIG, preempted_then_resumed
   overrides = [*tiny_overrides, "model.name=toy", "train.method=toy_method",
                "toy_method.weight=0.001"]
   with pytest.raises(ConfigError, match="toy_method.weight=-1.0 must not be negative"):
@@ -217,19 +215,7 @@ def test_a_method_registered_in_a_test_file_trains_checkpoints_and_resumes(
 
   config = load_config(TINY_CONFIG, overrides)
   training.train_and_evaluate(config, str(tmp_path / "reference"))
-  real_step = training.Trainer.step
-
-  def step_then_sigterm_at_2(trainer, state, batch):
-    state, metrics = real_step(trainer, state, batch)
-    if int(state.step) == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return state, metrics
-
-  with monkeypatch.context() as patch, pytest.raises(training.Preempted):
-    patch.setattr(training.Trainer, "step", step_then_sigterm_at_2)
-    training.train_and_evaluate(config, str(tmp_path / "run"))
-  assert [r["step"] for r in read_metrics(str(tmp_path / "run"))] == [1, 2]
-  training.train_and_evaluate(config, str(tmp_path / "run"))
+  preempted_then_resumed(config, str(tmp_path / "run"), monkeypatch)
 
   reference, resumed = (read_metrics(str(tmp_path / name)) for name in ("reference", "run"))
   keys = ("loss", "aux_loss/toy_weight_l2", "dropout_draw", "eval_loss")

@@ -2,7 +2,8 @@
 
 The data config (`config.data`, an ml_collections ConfigDict):
   source         'stdlib' | 'tfds' | 'text_dir': where documents come from; or 'bytes': raw
-                 bytes for bGPT, one example a row (below).
+                 bytes for bGPT, one example a row (below); or 'preferences': (prompt, chosen,
+                 rejected) pairs for DPO, packed side by side (preferences.py: the rows).
   stdlib_config  'full' | 'tiny': builder config of the `stdlib_source` TFDS dataset
                  (source='stdlib'; built into data_dir on first use, in seconds).
   tfds_name      a prepared TFDS dataset, e.g. 'lm1b' (source='tfds'); read from data_dir in
@@ -14,6 +15,10 @@ The data config (`config.data`, an ml_collections ConfigDict):
   cache_dir      where tokenizers are cached (<cache_dir>/tokenizers/).
   tokenizer      'byte' | 'sentencepiece' (ignored for source='bytes': raw bytes, 257 ids).
   vocab_size     SentencePiece vocab size (the byte tokenizer always has 259).
+  tokenizer_file a given tokenizer, used as it is instead of one trained on the corpus: a
+                 Hugging Face tokenizer.json or a SentencePiece .model (with
+                 tokenizer='sentencepiece'; vocab_size is then the model's vocabulary, at
+                 least the file's). llm_research.convert from-hf sets it. '' : none.
   seq_len        length of a packed row (source='bytes': of a row, in bytes).
   byte_dataset   source='bytes': 'cpu_states' | 'abc_to_midi' | 'midi_to_abc' | 'digits_bmp' |
                  'wav_tones' (local TFDS builders, byte_datasets.py; built into data_dir on
@@ -22,6 +27,10 @@ The data config (`config.data`, an ml_collections ConfigDict):
   byte_config    the builder config of byte_dataset: 'tiny' or 'full'; cpu_states also has
                  '1k', '10k', '100k' (byte_datasets.py says what each holds).
   byte_dir       the folder of source='bytes', byte_dataset='files'.
+  preference_dataset  source='preferences': 'cpu_states' (pairs built here from the CPU
+                 simulator, generated on the fly) | 'jsonl' (preference_file).
+  preference_file  a JSONL file of pairs, one {"prompt", "chosen", "rejected"} object a line
+                 (preference_dataset='jsonl'); train/validation split by a hash of the prompt.
   shuffle_seed   meant as the `seed` the training loop passes to `make_train_iterator`.
 
 A document becomes tokens [bos] + encode(text) + [eos], cut into chunks of at most seq_len + 1
@@ -56,13 +65,13 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from llm_research.data import byte_datasets, byte_rows, stdlib_corpus
+from llm_research.data import byte_datasets, byte_rows, preferences, stdlib_corpus
 from llm_research.data.tokenizers import (ByteTokenizer, RawByteTokenizer, SentencePieceTokenizer,
-                                          Tokenizer, train_sentencepiece)
+                                          Tokenizer, tokenizer_from_file, train_sentencepiece)
 from llm_research.errors import ConfigError
 
 # The values of data.source: the sources `load_source` reads.
-SOURCES = ("stdlib", "tfds", "text_dir", "bytes")
+SOURCES = ("stdlib", "tfds", "text_dir", "bytes", "preferences")
 # Chunks shuffled together in training, so that a row's neighbours come from other documents.
 TRAIN_SHUFFLE_WINDOW = 1024
 # Rows filled at once by first-fit packing (more rows: less padding, independent of batch size).
@@ -243,7 +252,8 @@ class _TextFeature:
 
 def load_source(data_config: ml_collections.ConfigDict, split: str):
   """A random-access source of {'text': str or bytes, ...} records for one split; for
-  source='bytes', of examples {'parts': [bytes or uint8 arrays], 'label': int (if labelled)}."""
+  source='bytes', of examples {'parts': [bytes or uint8 arrays], 'label': int (if labelled)};
+  for source='preferences', of pairs {'prompt', 'chosen', 'rejected', 'text'}."""
   if data_config.source == "stdlib":
     source, what = _stdlib_source(data_config, split), f"stdlib_source/{data_config.stdlib_config}"
   elif data_config.source == "tfds":
@@ -254,6 +264,8 @@ def load_source(data_config: ml_collections.ConfigDict, split: str):
     source, what = TextDirSource(data_config.text_dir, split), f"text_dir {data_config.text_dir!r}"
   elif data_config.source == "bytes":
     source, what = _byte_source(data_config, split)
+  elif data_config.source == "preferences":
+    source, what = preferences.load(data_config, split)
   else:
     raise ConfigError(f"data.source={data_config.source!r} is not one of {SOURCES}")
   if len(source) == 0:
@@ -360,6 +372,15 @@ def _byte_rows(data_config: ml_collections.ConfigDict, split: str, patch_size: i
   return rows.to_iter_dataset(_READ_OPTIONS)
 
 
+def _text_rows(data_config: ml_collections.ConfigDict, documents: grain.MapDataset,
+               tokenizer: Tokenizer, shuffle_seed: int | None) -> grain.IterDataset:
+  """Records -> packed rows: of documents' chunks, or of preference pairs (preferences.py)."""
+  if data_config.source == "preferences":  # pairs, one a record: shuffled with the records
+    return preferences.packed_pairs(documents.to_iter_dataset(_READ_OPTIONS), tokenizer,
+                                    data_config.seq_len, num_bins=PACKING_ROWS)
+  return _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=shuffle_seed)
+
+
 def make_train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                         global_batch_size: int, seed: int, process_index: int,
                         process_count: int, patch_size: int = byte_rows.DEFAULT_PATCH_SIZE,
@@ -378,7 +399,7 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Token
   else:
     documents = _process_documents(data_config, "train", process_index, process_count)
     documents = documents.shuffle(seed).repeat()  # A different order each epoch.
-    rows = _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=seed)
+    rows = _text_rows(data_config, documents, tokenizer, shuffle_seed=seed)
   return iter(rows.batch(local_batch))
 
 
@@ -398,7 +419,7 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokeni
                       process=(process_index, process_count))
   else:
     documents = _process_documents(data_config, split, process_index, process_count)
-    rows = _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=None)
+    rows = _text_rows(data_config, documents, tokenizer, shuffle_seed=None)
   return iter(rows.batch(local_batch).map(lambda batch: _pad_rows(batch, local_batch)))
 
 
@@ -417,6 +438,8 @@ def _source_name(data_config: ml_collections.ConfigDict) -> str:
   if data_config.source == "text_dir":
     path = os.path.abspath(data_config.text_dir)
     return f"text_dir_{os.path.basename(path)}_{zlib.crc32(path.encode()):08x}"
+  if data_config.source == "preferences":
+    return preferences.source_name(data_config)
   raise ConfigError(f"unknown data.source {data_config.source!r}")
 
 
@@ -437,6 +460,8 @@ def get_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
   if data_config.tokenizer != "sentencepiece":
     raise ConfigError(
         f"unknown data.tokenizer {data_config.tokenizer!r}: use 'byte' or 'sentencepiece'")
+  if data_config.get("tokenizer_file"):
+    return tokenizer_from_file(data_config.tokenizer_file, data_config.vocab_size)
   model_path = os.path.join(data_config.cache_dir, "tokenizers",
                             f"{_source_name(data_config)}_{data_config.vocab_size}.model")
   if os.path.exists(model_path):

@@ -1,16 +1,22 @@
 """Tokenizers: a byte-level one, a SentencePiece BPE one (`train_sentencepiece`; the pipeline
-trains it on the configured corpus: `pipeline.get_tokenizer`), and bGPT's raw bytes.
+trains it on the configured corpus: `pipeline.get_tokenizer`), bGPT's raw bytes, and a given
+file (`tokenizer_from_file`: a Hugging Face `tokenizer.json` or a SentencePiece model, as
+`llm_research.convert from-hf` brings along).
 
 All follow `Tokenizer`: `encode` adds no bos/eos; `decode` drops pad/bos/eos; every str
 round-trips: `decode(encode(text)) == text`. The byte and SentencePiece tokenizers have ids
 0 pad, 1 bos, 2 eos; `RawByteTokenizer` (data.source="bytes") keeps byte values as ids and has
 one more, 256, for pad, bos and eos alike (bGPT's patch padding).
 """
+import json
 import os
 import tempfile
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import sentencepiece as spm
+import tokenizers
+
+from llm_research.errors import ConfigError
 
 
 # Training input cap (characters): all of the stdlib (~30M) fits; BPE on it takes ~10 s.
@@ -89,6 +95,57 @@ class SentencePieceTokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     # pad/bos/eos are control pieces: SentencePiece decodes them to nothing.
     return self._processor.decode([int(i) for i in ids])
+
+
+class HuggingFaceTokenizer:
+  """A Hugging Face `tokenizer.json` (the `tokenizers` library). bos, eos and pad are the
+  tokens `tokenizer_config.json` beside it names; without a bos token (Qwen2) sequences start
+  with eos, as GPT-2's do; without a pad token, pad is eos. `vocab_size` is the model's (its
+  embedding rows, often more than the tokenizer's ids)."""
+
+  def __init__(self, path: str, vocab_size: int):
+    self._tokenizer = tokenizers.Tokenizer.from_file(path)
+    special = _special_tokens(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+    ids = {role: self._tokenizer.token_to_id(token) for role, token in special.items()}
+    if ids.get("eos") is None:
+      raise ConfigError(f"{path}: no eos token (tokenizer_config.json beside it names none)")
+    self.eos_id = ids["eos"]
+    self.bos_id = ids["bos"] if ids.get("bos") is not None else self.eos_id
+    self.pad_id = ids["pad"] if ids.get("pad") is not None else self.eos_id
+    self.vocab_size = vocab_size
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _special_tokens(config_path: str) -> dict[str, str]:
+  """{'bos': token, 'eos': ..., 'pad': ...} named by a tokenizer_config.json (a token is a
+  string, or an AddedToken's dict with its 'content')."""
+  if not os.path.isfile(config_path):
+    return {}
+  with open(config_path) as f:
+    config = json.load(f)
+  tokens = {}
+  for role in ("bos", "eos", "pad"):
+    token = config.get(f"{role}_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    if token:
+      tokens[role] = token
+  return tokens
+
+
+def tokenizer_from_file(path: str, vocab_size: int) -> Tokenizer:
+  """The tokenizer in `path`: a `tokenizer.json`, or a SentencePiece model (`*.model`)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"data.tokenizer_file={path!r} does not exist")
+  if path.endswith(".json"):
+    return HuggingFaceTokenizer(path, vocab_size)
+  tokenizer = SentencePieceTokenizer(path)
+  tokenizer.vocab_size = vocab_size  # the model's embedding rows
+  return tokenizer
 
 
 def _training_pieces(texts: Iterable[str]) -> Iterator[str]:

@@ -28,7 +28,7 @@ from llm_research.models.linear import LINEAR_BASES, Linear, LoRA
 from llm_research.models.mlp import MLPS
 from llm_research.models.moe import MoEConfig
 from llm_research.models.norms import RMSNorm
-from llm_research.models.layers import constrain
+from llm_research.models.layers import RopeScaling, constrain
 from llm_research.models.stack import REMAT_POLICIES, decoder_stack
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -46,6 +46,7 @@ class TransformerConfig:
   head_dim: int = shape_field(64)
   mlp_dim: int = shape_field(768)
   rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)  # off by default
   norm_eps: float = 1e-6
   tie_embeddings: bool = shape_field(True)
   dtype: str = "float32"
@@ -78,6 +79,8 @@ class TransformerConfig:
     check(self.num_heads % self.num_kv_heads == 0,
           f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
     check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for rotary")
+    for problem in self.rope_scaling.problems():
+      check(False, f"rope_scaling.{problem}")
     for name in ("rope_theta", "norm_eps"):
       check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
     check(self.lora_rank >= 0, f"lora_rank={self.lora_rank} must not be negative (0: no LoRA)")

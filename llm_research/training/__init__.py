@@ -1,5 +1,5 @@
 """Training: the train state, objective and step, optimizer, config checks, the Trainer, the
-loop, and the training methods (`train.method`), registered here: standard and lte.
+loop, and the training methods (`train.method`), registered here: standard, lte and dpo.
 
     state.py      TrainState (with the run's key), after-step hooks
     optimizer.py  AdamW, schedules, the trainable-parameter mask
@@ -7,12 +7,14 @@ loop, and the training methods (`train.method`), registered here: standard and l
     method.py     the TrainingMethod interface and its registry
     standard.py   `standard`: the model's params, trained directly
     lte.py        `lte`: LoRA-the-Explorer
+    dpo.py        `dpo`: Direct Preference Optimization
     checks.py     config values, the mesh, a workdir's existing run
     trainer.py    Trainer: model, mesh, method, sharded state, compiled steps, evaluation
     loop.py       train_and_evaluate: the resumable loop; the unigram baseline
 """
 from llm_research.training import standard  # registers "standard" (first: the default)
 from llm_research.training import lte  # registers "lte"
+from llm_research.training import dpo  # registers "dpo"
 from llm_research.training.checks import (check_config_values, checked_mesh, data_options,
                                           model_config_from, shape_keys)
 from llm_research.training.loop import (PREEMPTED_EXIT_STATUS, Preempted, train_and_evaluate,
