@@ -48,10 +48,10 @@ from flax import struct
 
 from llm_research.data.preferences import KEYS, REJECTED
 from llm_research.errors import ConfigError
-from llm_research.models.stack import AUX_LOSS, METRICS, collect_aux_losses
+from llm_research.models.stack import AUX_LOSS, METRICS
 from llm_research.training import checks
 from llm_research.training.method import register
-from llm_research.training.objective import MEAN, train_step
+from llm_research.training.objective import MEAN, target_log_probs, train_step, with_sown
 from llm_research.training.standard import Standard
 from llm_research.training.state import apply_hooks
 
@@ -79,9 +79,7 @@ def _segment_sums(values, segment_ids):
 def response_logps(logits, sequences: dict):
   """[rows, seq_len + 1]: per row and segment id, the sum of the log-probs of the response's
   targets (0 for a segment id that is not there). logits: [rows, seq_len, vocab]."""
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # [rows, seq_len]
-  token = jnp.take_along_axis(logits, sequences["targets"][..., None], axis=-1)[..., 0] - log_z
+  token, _ = target_log_probs(logits.astype(jnp.float32), sequences["targets"])
   return _segment_sums(jnp.where(sequences["response"] > 0, token, 0.0),
                        sequences["segment_ids"])
 
@@ -146,12 +144,10 @@ class DPO(Standard):
     logits, variables = apply(params.policy, mutable=[AUX_LOSS, METRICS],
                               rngs=None if rng is None else {"dropout": rng})
     reference_logits = apply(params.reference)  # deterministic, as pi_ref is a fixed model
-    value, sums = preference_sums(response_logps(logits, sequences),
-                                  response_logps(reference_logits, sequences),
-                                  pairs_present(sequences), self.config.dpo.beta)
-    aux = {f"aux_loss/{name}": v * sums["count"]
-           for name, v in collect_aux_losses(variables).items()}
-    return value + sum(aux.values()), {**sums, **aux, **collect_aux_losses(variables, METRICS)}
+    return with_sown(*preference_sums(response_logps(logits, sequences),
+                                      response_logps(reference_logits, sequences),
+                                      pairs_present(sequences), self.config.dpo.beta),
+                     variables)
 
   def init(self, params, rng):
     del rng  # nothing drawn

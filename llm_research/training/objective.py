@@ -27,10 +27,16 @@ Objective = Callable[..., tuple[jax.Array, dict]]
 MEAN = "mean/"
 
 
+def target_log_probs(logits, targets):
+  """(log p(target), log Z), each [batch, length], of logits [batch, length, vocab]."""
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z, log_z
+
+
 def token_losses(logits, targets, weights, z_loss: float = 0.0):
   """Sums over tokens: (objective, negative log-likelihood, number of tokens)."""
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
-  nll = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  log_p, log_z = target_log_probs(logits, targets)  # [batch, length]
+  nll = -log_p
   weights = weights.astype(jnp.float32)
   nll_sum = jnp.sum(nll * weights)
   return nll_sum + z_loss * jnp.sum(jnp.square(log_z) * weights), nll_sum, jnp.sum(weights)
@@ -56,10 +62,16 @@ def batch_losses(params, batch, rng=None, *, model, z_loss: float = 0.0):
       {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
       mutable=[AUX_LOSS, METRICS], rngs=None if rng is None else {"dropout": rng})
   loss_sums = getattr(getattr(model, "config", None), "loss_sums", None) or token_loss_sums
-  objective, sums = loss_sums(outputs, batch, z_loss)
-  aux = {f"aux_loss/{name}": value * sums["count"]
-         for name, value in collect_aux_losses(variables).items()}
-  return objective + sum(aux.values()), {**sums, **aux, **collect_aux_losses(variables, METRICS)}
+  return with_sown(*loss_sums(outputs, batch, z_loss), variables)
+
+
+def with_sown(value, sums: dict, variables):
+  """(value, sums) with what the model sowed in `variables` (its apply's mutable collections)
+  added: each auxiliary loss times the count, to the value and the sums; each metric to the
+  sums."""
+  aux = {f"aux_loss/{name}": loss * sums["count"]
+         for name, loss in collect_aux_losses(variables).items()}
+  return value + sum(aux.values()), {**sums, **aux, **collect_aux_losses(variables, METRICS)}
 
 
 def model_objective(model, z_loss: float = 0.0) -> Objective:
