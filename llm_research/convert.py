@@ -1,41 +1,48 @@
 """Hugging Face checkpoints in and out: Llama, Mistral, Qwen2 (refused: biases), Mixtral.
 
     python -m llm_research.convert from-hf <hf_dir> <workdir> [--looped]
+        [--config.mesh.fsdp=-1 --config.mesh.data=1 ...]
     python -m llm_research.convert to-hf <workdir> <hf_dir> [--dtype bfloat16]
 
 from-hf writes an inference run, as `llm_research.pack` does: `config.json` (the base config
 with the model's section, `data.tokenizer_file` naming the tokenizer copied into
-`<workdir>/tokenizer/`, `data.vocab_size` the model's) and `checkpoints/0/params` (orbax,
-float32, params alone: no optimizer state). `llm_research.sample` generates from it,
-`--config.train.init_from=<workdir>` starts a training run from it (through a surgery: upcycled
-into an MoE, depth up-scaled), and to-hf exports it (or any run's newest params) back as
-sharded safetensors with an index, config.json and the tokenizer files.
+`<workdir>/tokenizer/`, `data.vocab_size` the model's, `mesh` as given) and
+`checkpoints/0/params` (orbax, float32, params alone: no optimizer state). `llm_research.sample`
+generates from it, `--config.train.init_from=<workdir>` starts a training run from it (through
+a surgery: upcycled into an MoE, depth up-scaled), and to-hf exports it (or any run's newest
+params) back as sharded safetensors with an index, config.json and the tokenizer files.
 
-From Python: `from_hf(path) -> (TransformerConfig, params)` and `to_hf(config, params, path)`.
-The checkpoint is read one tensor at a time (memory-mapped safetensors, bf16 or f32, numpy: no
-torch), each param put on the device as soon as its tensors are read: the host holds the
-params plus one param's tensors (experiments/benchmarks/convert_memory.py measures it). Input
-the converter cannot use (a missing or truncated shard, an unsupported architecture or config
-field, a tensor that does not fit, a workdir or hf_dir that is not new) is one `error:` line
-naming the file, field or tensor, with nothing written. The tensor map and the tied-embedding
-rescale: llm_research/hf/weights.py; what is refused: llm_research/hf/architectures.py.
+From Python: `from_hf(path, mesh=None, rules=None) -> (TransformerConfig, params)` and
+`to_hf(config, params, path)`. The checkpoint is read one tensor at a time (safetensors, bf16 or
+f32, plain reads into numpy: no torch, no memory map), and each param is placed on the mesh with
+the sharding training gives it (its logical axes under the rules) as soon as its tensors are
+read; a scanned param is filled on its devices one layer at a time. The host holds the placed
+params (on CPU, the devices are the host) plus one tensor: no full copy of the model
+(experiments/benchmarks/convert_memory.py measures it). Input the converter cannot use (a
+missing or truncated shard, an unsupported architecture or config field, a tensor that does not
+fit, a workdir or hf_dir that is not new) is one `error:` line naming the file, field or tensor,
+with nothing written. The tensor map and the tied-embedding rescale: llm_research/hf/weights.py;
+what is refused: llm_research/hf/architectures.py.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llm_research import checkpoints, sample
-from llm_research.config import base_config
+from llm_research import checkpoints, sample, sharding
+from llm_research.config import base_config, with_overrides
 from llm_research.errors import ConfigError
 from llm_research.hf import architectures, safetensors_io, weights
-from llm_research.methods.layer_list import abstract_params
 from llm_research.models.transformer import TransformerConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # tried in this order
@@ -53,11 +60,12 @@ def read_hf_config(path: str) -> TransformerConfig:
     return architectures.from_hf_config(json.load(f), config_path)
 
 
-def from_hf(path: str, *, scan_layers: bool = True):
+def from_hf(path: str, *, scan_layers: bool = True, mesh: Mesh | None = None, rules=None):
   """(config, params) of the Hugging Face checkpoint in folder `path`; params are float32
-  arrays, laid out scanned or looped as `scan_layers` says."""
+  arrays, laid out scanned or looped as `scan_layers` says, each placed as it is read with the
+  sharding training gives it on `mesh` under the logical-axis `rules` (`param_targets`)."""
   config, reader = open_checkpoint(path, scan_layers=scan_layers)
-  return config, read_params(config, reader)
+  return config, read_params(config, reader, param_targets(config, mesh, rules))
 
 
 def open_checkpoint(path: str, *, scan_layers: bool = True):
@@ -69,38 +77,85 @@ def open_checkpoint(path: str, *, scan_layers: bool = True):
   return config, reader
 
 
-def read_params(config: TransformerConfig, reader: safetensors_io.Reader):
-  """The params of model `config` from the checkpoint `reader` reads, one param at a time:
-  a scanned param is stacked from its layers' tensors and placed on the device before the next
-  param is read (not joined from a full list of layers, which would hold the model twice)."""
+def param_targets(config: TransformerConfig, mesh: Mesh | None = None, rules=None):
+  """Each param of model `config` as a jax.ShapeDtypeStruct: its shape, and the sharding
+  training gives it (`sharding.logical_shardings` of its logical axes) on `mesh` (default: the
+  first device alone) under `rules` (default: the base config's), so that a converted model
+  is never resharded before use."""
+  if mesh is None:
+    mesh = sharding.make_mesh(dict.fromkeys(sharding.MESH_AXES, 1), jax.devices()[:1])
+  if rules is None:
+    rules = sharding.rules_from_config(base_config())
+  boxed = jax.eval_shape(config.make_model().init, jax.random.key(0),
+                         jnp.zeros((1, 1), jnp.int32))["params"]
+  return jax.tree.map(lambda x, target: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target),
+                      nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh, rules))
+
+
+def read_params(config: TransformerConfig, reader: safetensors_io.Reader, targets):
+  """The params of model `config` from the checkpoint `reader` reads, each put on its devices
+  with its sharding in `targets` (`param_targets`) as soon as its tensors are read: beyond the
+  placed params, the host holds one tensor (converted) at a time. A scanned param
+  [layers, ...] is allocated on its devices and filled one layer at a time (`_stacked`), never
+  stacked on the host."""
   fused = weights.uses_fused_experts(config, reader.names)
-  expected = abstract_params(dataclasses.replace(config, scan_layers=False))
   params = {}
   for entry in weights.outer_entries(config):
-    _put(params, entry.path, jax.device_put(_read(reader, entry, _at(expected, entry.path))))
+    target = _at(targets, entry.path)
+    _put(params, entry.path, _placed(_read(reader, entry, target.shape), target.sharding))
   layers = range(config.num_layers)
   entries = [weights.layer_entries(config, i, fused_experts=fused) for i in layers]
   for k, path in enumerate(entry.path for entry in entries[0]):
-    values = [_read(reader, entries[i][k], _at(expected[f"layers_{i}"], path)) for i in layers]
     if config.scan_layers:
-      _put(params, ("layers", *path), jax.device_put(np.stack(values)))
+      target = _at(targets["layers"], path)
+      _put(params, ("layers", *path), _stacked(
+          lambda i: _read(reader, entries[i][k], target.shape[1:]), target))
     else:
-      for i, value in zip(layers, values):
-        _put(params, (f"layers_{i}", *path), jax.device_put(value))
+      for i in layers:
+        target = _at(targets[f"layers_{i}"], path)
+        _put(params, (f"layers_{i}", *path),
+             _placed(_read(reader, entries[i][k], target.shape), target.sharding))
   return params
 
 
-def _read(reader, entry, expected) -> np.ndarray:
-  """The param of `entry` from its tensors (float32), checked against the model's shape."""
+def _placed(value: np.ndarray, target: NamedSharding) -> jax.Array:
+  """`value` (host numpy) as a global array with sharding `target`; each device is given only
+  its slice, and in a run of several processes each process places only its own devices'."""
+  return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+
+def _stacked(read_layer, target: jax.ShapeDtypeStruct) -> jax.Array:
+  """The scanned param `target` [layers, ...] from `read_layer(i)` (host numpy, one layer):
+  zeros allocated on the devices, then each layer, placed with the sharding of one slice
+  (`target`'s less its layer axis), written in place (`_layer_writer` donates the stacked
+  array). Peak: the stacked param plus one layer, on host and devices."""
+  layer_sharding = NamedSharding(target.sharding.mesh, PartitionSpec(*target.sharding.spec[1:]))
+  stacked = jnp.zeros(target.shape, jnp.float32, device=target.sharding)
+  write = _layer_writer(target.sharding)
+  for i in range(target.shape[0]):
+    stacked = write(stacked, _placed(read_layer(i), layer_sharding), i)
+  return stacked
+
+
+@functools.cache
+def _layer_writer(target: NamedSharding):
+  """`(stacked, layer, i) -> stacked with layer at index i of its first axis`, compiled to
+  write into `stacked`'s own buffer (donated) and to keep its sharding `target`."""
+  return jax.jit(lambda stacked, layer, i: jax.lax.dynamic_update_index_in_dim(
+      stacked, layer, i, 0), out_shardings=target, donate_argnums=0)
+
+
+def _read(reader, entry, shape: tuple[int, ...]) -> np.ndarray:
+  """The param of `entry` from its tensors (float32), checked against the model's `shape`."""
   tensors = [reader.get(name) for name in entry.names]
   try:
     param = entry.to_core(*tensors)
   except ValueError:  # a reshape the tensor's size does not fit
     param = None
-  if param is None or param.shape != expected.shape:
+  if param is None or param.shape != shape:
     shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(entry.names, tensors))
     raise ConfigError(f"{reader.folder}: tensor {shapes} does not fit the config.json "
-                      f"({'/'.join(entry.path)} must be {tuple(expected.shape)})")
+                      f"({'/'.join(entry.path)} must be {shape})")
   return np.asarray(param, np.float32)
 
 
@@ -117,8 +172,10 @@ def _put(tree: dict, path, value) -> None:
 
 
 def hf_tensors(config: TransformerConfig, params, dtype: str = "float32"):
-  """(Hugging Face name, numpy array) of every tensor of the checkpoint, one param at a time."""
-  np_dtype = np.dtype(jax.numpy.dtype(dtype))
+  """(Hugging Face name, numpy array) of every tensor of the checkpoint, one param at a time:
+  `params` may stay on their devices (a scanned param is fetched one layer at a time), so the
+  host holds one tensor beside the shard being written, never the model."""
+  np_dtype = np.dtype(jnp.dtype(dtype))
   def layer_param(i, path):
     if config.scan_layers:
       return np.asarray(_at(params["layers"], path)[i])
@@ -162,19 +219,25 @@ def _tokenizer_file(hf_dir: str) -> str:
   raise ConfigError(f"{hf_dir!r} holds no tokenizer ({' or '.join(TOKENIZER_FILES)})")
 
 
-def convert_from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True):
+def convert_from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True,
+                    mesh_overrides=()):
   """The from-hf command: `hf_dir`'s checkpoint and tokenizer into a new inference run
-  `workdir` (the module docstring). Returns (config, params)."""
+  `workdir` (the module docstring). `mesh_overrides` ("fsdp=-1", ...) set the run's `mesh`
+  section: the mesh its params are placed on as they are read, under the run's
+  logical-axis rules. Returns (config, params)."""
   _check_new(workdir, "workdir")
+  config = with_overrides(base_config(), [f"mesh.{item}" for item in mesh_overrides])
+  mesh = sharding.make_mesh(config.mesh)
   model_config, reader = open_checkpoint(hf_dir, scan_layers=scan_layers)
   tokenizer_name = _tokenizer_file(hf_dir)
-  params = read_params(model_config, reader)  # every tensor checked before anything is written
+  # Every tensor is checked (as it is read) before anything is written.
+  params = read_params(model_config, reader, param_targets(
+      model_config, mesh, sharding.rules_from_config(config)))
   tokenizer_dir = os.path.join(os.path.abspath(workdir), "tokenizer")
   os.makedirs(tokenizer_dir, exist_ok=True)
   for name in (tokenizer_name, *TOKENIZER_EXTRAS):
     if os.path.isfile(os.path.join(hf_dir, name)):
       shutil.copy(os.path.join(hf_dir, name), tokenizer_dir)
-  config = base_config()
   fields = dataclasses.asdict(model_config)
   vocab_size = fields.pop("vocab_size")
   with config.unlocked():
@@ -196,7 +259,7 @@ def convert_to_hf(workdir: str, hf_dir: str, *, dtype: str = "float32") -> int:
   if config.model.get("name") != "transformer":
     raise ConfigError(f"{workdir!r}: model.name={config.model.get('name')!r} has no Hugging "
                       "Face equivalent (only 'transformer' exports)")
-  to_hf(model_config, jax.device_get(params), hf_dir, dtype=dtype,
+  to_hf(model_config, params, hf_dir, dtype=dtype,
         max_position_embeddings=max(config.data.seq_len, 4096),
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
   tokenizer_file = config.data.get("tokenizer_file")
@@ -217,6 +280,10 @@ def main(argv=None):
   read.add_argument("workdir")
   read.add_argument("--looped", action="store_true",
                     help="lay the layers out looped (model.scan_layers=False)")
+  for axis in sharding.MESH_AXES:
+    read.add_argument(f"--config.mesh.{axis}", dest=axis, metavar="SIZE",
+                      help=f"the run's mesh.{axis} (base config's default if unset): the "
+                      "params are placed on the mesh as they are read")
   write = commands.add_parser("to-hf", help="a workdir's newest params -> a new HF folder")
   write.add_argument("workdir")
   write.add_argument("hf_dir")
@@ -224,7 +291,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     if args.command == "from-hf":
-      config, _ = convert_from_hf(args.hf_dir, args.workdir, scan_layers=not args.looped)
+      config, _ = convert_from_hf(
+          args.hf_dir, args.workdir, scan_layers=not args.looped,
+          mesh_overrides=[f"{axis}={getattr(args, axis)}" for axis in sharding.MESH_AXES
+                          if getattr(args, axis) is not None])
       print(f"wrote {args.workdir}: {config.num_layers} layers, "
             f"{config.num_params():,} params")
     else:

@@ -7,9 +7,11 @@ up to 7).
 """
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import convert_worker  # noqa: E402
+from conftest import TESTS_DIR, beside_eight_devices  # noqa: E402
 from llm_research import convert, decode, sample  # noqa: E402
 from llm_research.hf import safetensors_io, weights  # noqa: E402
 
@@ -126,6 +130,70 @@ def _leaves(tree, prefix=""):
       yield from _leaves(value, f"{prefix}{key}/")
     else:
       yield f"{prefix}{key}", value
+
+
+# Each param's PartitionSpec under the mesh fsdp=2, tensor=2, expert=2 (layer params as one
+# layer's: a scanned one adds None for its layer axis): the layout training gives the params
+# under config.py's logical-axis rules (vocab, heads, kv_heads, mlp -> tensor; embed -> fsdp).
+SPECS_3D = {
+    "embedding": ["tensor", "fsdp"], "head/kernel": ["fsdp", "tensor"],
+    "final_norm/scale": ["fsdp"], "attn_norm/scale": ["fsdp"], "mlp_norm/scale": ["fsdp"],
+    "attn/query/kernel": ["fsdp", "tensor", None], "attn/key/kernel": ["fsdp", "tensor", None],
+    "attn/value/kernel": ["fsdp", "tensor", None], "attn/out/kernel": ["tensor", None, "fsdp"],
+    "mlp/router/kernel": ["fsdp", None], "mlp/gate/kernel": ["expert", "fsdp", "tensor"],
+    "mlp/up/kernel": ["expert", "fsdp", "tensor"], "mlp/down/kernel": ["expert", "tensor", "fsdp"],
+}
+
+
+def test_from_hf_places_params_sharded_on_8_devices(hf_models, tmp_path):
+  """Under a mesh, each param comes out with training's sharding (each device holding only its
+  slice) and the values of the one-device conversion, scanned and looped (Mixtral: the
+  expert axis too)."""
+  _, folder = hf_models["mixtral"]
+  out = tmp_path / "eight.npz"
+  one_device = beside_eight_devices(
+      [os.path.join(TESTS_DIR, "convert_worker.py"), folder, out], tmp_path / "worker.log",
+      lambda: {layout: convert_worker.leaves(convert.from_hf(folder, scan_layers=scan)[1])
+               for layout, scan in convert_worker.LAYOUTS.items()})
+  eight = dict(np.load(out))
+  summary = json.loads(str(eight.pop("summary")))
+  for mesh_name, sizes in convert_worker.MESHES.items():
+    for layout, params in one_device.items():
+      for path, expected in params.items():
+        name = f"{mesh_name}|{layout}|{path}"
+        np.testing.assert_array_equal(eight[name], np.asarray(expected), name)
+        placed = summary[name]
+        assert placed["devices"] == list(range(8)), name
+        if mesh_name == "fsdp2_tensor2_expert2":
+          in_layer = path.split("/", 1)[1] if path.startswith("layers") else path
+          assert placed["spec"] == [None] * path.startswith("layers/") + SPECS_3D[in_layer], name
+        ways = [math.prod(sizes[a] for a in ([axes] if isinstance(axes, str) else axes or []))
+                for axes in placed["spec"]]
+        ways += [1] * (expected.ndim - len(ways))
+        assert placed["slice"] == [[n // w for n, w in zip(expected.shape, ways)]] * 8, name
+  # fsdp=8 splits embed (64) eight ways: [layers, experts, embed, mlp]
+  assert summary["fsdp8|scanned|layers/mlp/gate/kernel"]["slice"][0] == [2, 4, 8, 96]
+
+
+def test_host_holds_one_tensor_at_a_time(tmp_path):
+  """tracemalloc counts the host's numpy and Python allocations (not XLA's device buffers):
+  converting a 4-layer model peaks at a few of its largest tensors, never a stacked param
+  (4 layers of it) nor the model."""
+  folder = str(tmp_path / "llama")
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+      **SIZES, "num_hidden_layers": 4, "intermediate_size": 8192})).save_pretrained(folder)
+  largest = 4 * SIZES["hidden_size"] * 8192  # an MLP kernel, float32 (2 MiB: the Python
+  # objects of tracing and compiling, about 0.5 MiB, stay small beside it)
+  for scan_layers in (True, False):
+    convert.from_hf(folder, scan_layers=scan_layers)  # compiled and traced once beforehand
+    tracemalloc.start()
+    try:
+      convert.from_hf(folder, scan_layers=scan_layers)
+      peak = tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+    assert peak < 3 * largest, f"scan_layers={scan_layers}: host peak {peak} bytes"
 
 
 def test_bfloat16_checkpoints_read(hf_models, tmp_path):
@@ -238,6 +306,9 @@ def test_bad_input_is_one_error_line_and_writes_nothing(hf_models, tmp_path, cap
     return target
 
   refused(str(tmp_path / "nowhere"), "config.json does not exist")
+  message = _refusal(capsys, ["from-hf", folder, workdir, "--config.mesh.fsdp=2"])
+  assert "mesh (data=-1, fsdp=2" in message and "1 device" in message, message
+  assert not os.path.exists(workdir)
   refused(edited("gpt2", architectures=["GPT2LMHeadModel"], model_type="gpt2"),
           "GPT2LMHeadModel", "not supported")
   refused(edited("yarn_scaling", rope_parameters={
@@ -271,6 +342,24 @@ def test_bad_input_is_one_error_line_and_writes_nothing(hf_models, tmp_path, cap
   message = _refusal(capsys, ["from-hf", folder, workdir])
   assert "not a new or empty directory" in message
   assert os.listdir(workdir) == ["config.json"]
+
+
+@pytest.mark.parametrize("header, data, expected", [
+    ([1, 2], b"", "the header is not a JSON object"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, b"", "tensor 'w' has no dtype, shape and data_"),
+    ({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"12", "'F8_E4M3'"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"1234", "not a complete"),
+    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"12345678", "float32 (3,)"),
+], ids=["not_an_object", "no_offsets", "unknown_dtype", "data_cut_short", "wrong_size"])
+def test_malformed_safetensors_are_refused_naming_the_file(tmp_path, header, data, expected):
+  encoded = json.dumps(header).encode()
+  with open(tmp_path / safetensors_io.SINGLE_FILE, "wb") as f:
+    f.write(len(encoded).to_bytes(8, "little") + encoded + data)
+  with pytest.raises(convert.ConfigError) as error:
+    safetensors_io.Reader(str(tmp_path))
+  message = str(error.value)
+  assert message.startswith(str(tmp_path / safetensors_io.SINGLE_FILE)), message
+  assert expected in message and "\n" not in message, message
 
 
 def test_qwen2_biases_are_refused_by_name(tmp_path, capsys):

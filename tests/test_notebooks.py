@@ -3,6 +3,7 @@
 The notebooks' fast settings (LLM_RESEARCH_NOTEBOOK_FAST=1) keep each to seconds or a minute;
 data, tokenizer cache and workdir point at temporary folders.
 """
+import json
 import pathlib
 
 import nbformat
@@ -57,3 +58,6 @@ def test_notebook_runs_top_to_bottom(path, kernel_name, data_dirs, tmp_path, mon
     assert records[-1]["step"] == QUICKSTART_STEPS and "eval_loss" in records[-1]
     assert any("image/png" in output.get("data", {}) for cell in code_cells
                for output in cell.outputs), "no loss plot"
+  if path.name == "from_huggingface.ipynb":  # the exported MoE, as transformers reads it
+    with open(workdir / "exported" / "config.json") as f:
+      assert json.load(f)["architectures"] == ["MixtralForCausalLM"]

@@ -1,23 +1,31 @@
 """Hugging Face safetensors checkpoints, read and written with numpy (no torch).
 
 A checkpoint folder holds `model.safetensors`, or shards listed by `model.safetensors.index.json`
-({"weight_map": {tensor name: shard file}}). `Reader` opens every shard's header up front, so a
-missing or truncated shard is refused before any tensor is read, and then reads one tensor at a
-time (memory-mapped): a conversion holds the source's tensors one at a time, never the whole
-model. bfloat16 tensors come back as ml_dtypes' bfloat16 numpy arrays.
+({"weight_map": {tensor name: shard file}}). `Reader` reads every shard's header up front (the
+format: an 8-byte little-endian header size, a JSON header giving each tensor's dtype, shape and
+byte range, then the data), so a missing or truncated shard is refused before any tensor is
+read; then it reads one tensor at a time with a plain file read into one new array. Not
+memory-mapped (as safetensors' own `safe_open` is): a mapped file's pages, once read, count in
+the process's resident memory until the file is closed, which over a conversion would add the
+whole checkpoint's size to the host's peak. bfloat16 tensors come back as ml_dtypes' bfloat16
+numpy arrays. Written with safetensors' `save_file`.
 """
 import json
+import math
 import os
 from typing import Iterable
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llm_research.errors import ConfigError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+          "BOOL": np.bool_}
 
 
 class Reader:
@@ -35,35 +43,71 @@ class Reader:
       weight_map = None
     else:
       raise ConfigError(f"{folder!r} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
-    self._files = {}  # shard file name -> open safetensors handle
-    self._shard_of = {}  # tensor name -> shard file name
+    self._tensors = {}  # tensor name -> (shard path, dtype, shape, first byte, byte count)
     for shard in sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]:
       path = os.path.join(folder, shard)
       if not os.path.isfile(path):
         raise ConfigError(f"{path}: the shard is missing (listed in {INDEX_FILE})")
-      try:  # the header's offsets must fit the file: a truncated one fails here
-        self._files[shard] = safe_open(path, framework="np")
-      except Exception as error:  # safetensors raises its own error types
-        raise ConfigError(f"{path}: not a complete safetensors file ({error})") from None
-      for name in self._files[shard].keys():
-        self._shard_of[name] = shard
+      for name, (dtype, shape, start, size) in _header(path).items():
+        self._tensors[name] = (path, dtype, shape, start, size)
     for name, shard in (weight_map or {}).items():
-      if self._shard_of.get(name) != shard:
+      if name not in self._tensors or os.path.basename(self._tensors[name][0]) != shard:
         raise ConfigError(f"{os.path.join(folder, shard)}: no tensor {name!r} (the index lists "
                           "it there)")
     self.folder = folder
 
   @property
   def names(self) -> set[str]:
-    return set(self._shard_of)
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._files[self._shard_of[name]].get_slice(name).get_shape())
+    return set(self._tensors)
 
   def get(self, name: str) -> np.ndarray:
-    if name not in self._shard_of:
+    if name not in self._tensors:
       raise ConfigError(f"{self.folder}: the checkpoint has no tensor {name!r}")
-    return self._files[self._shard_of[name]].get_tensor(name)
+    path, dtype, shape, start, size = self._tensors[name]
+    with open(path, "rb") as f:
+      f.seek(start)
+      data = f.read(size)
+    return np.frombuffer(data, dtype).reshape(shape)  # a view of `data`: one copy in all
+
+
+def _header(path: str) -> dict:
+  """{tensor name: (dtype, shape, first byte, byte count)} of the safetensors file `path`,
+  checked: every tensor's bytes lie inside the file and fit its dtype and shape."""
+  def refuse(why: str):
+    raise ConfigError(f"{path}: {why}")
+  file_size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    prefix = f.read(8)
+    header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 0 < header_size <= file_size - 8:
+      refuse(f"not a complete safetensors file (a header of {header_size} bytes in a file of "
+             f"{file_size})")
+    try:
+      header = json.loads(f.read(header_size))
+    except ValueError as error:
+      refuse(f"not a safetensors file (the header is not JSON: {error})")
+  if not isinstance(header, dict):
+    refuse("not a safetensors file (the header is not a JSON object)")
+  tensors = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dtype_name = info["dtype"]
+      shape = tuple(int(n) for n in info["shape"])
+      begin, end = (int(n) for n in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      refuse(f"not a safetensors file (tensor {name!r} has no dtype, shape and data_offsets)")
+    if dtype_name not in DTYPES:
+      refuse(f"tensor {name!r} has dtype {dtype_name!r}, which this reader does not read "
+             f"({', '.join(DTYPES)})")
+    dtype, start = np.dtype(DTYPES[dtype_name]), 8 + header_size + begin
+    if (begin < 0 or end - begin != math.prod(shape) * dtype.itemsize
+        or start + end - begin > file_size):
+      refuse(f"not a complete safetensors file (tensor {name!r}: bytes {begin}..{end} of the "
+             f"data do not hold {dtype.name} {shape} inside the file's {file_size} bytes)")
+    tensors[name] = (dtype, shape, start, end - begin)
+  return tensors
 
 
 def shard_name(index: int, count: int) -> str:
