@@ -3,19 +3,23 @@ simulator: does DPO raise the chosen-over-rejected log-prob margin on held-out p
 model's own next states move toward the chosen (correct) ones?
 
     python experiments/dpo.py --workdir /tmp/dpo [--sft_steps 400] [--steps 160] [--evals 4]
-        [--beta 0.1] [--seeds 0] [--out experiments/results/dpo]
+        [--beta 0.1] [--learning_rate 1e-3] [--dpo_learning_rates 1e-4,1e-5,1e-6] [--seeds 0,1,2]
+        [--out experiments/results/dpo]
 
 The pairs are `data.preference_dataset=cpu_states` (llm_research/data/preferences.py): a program
 of 1 to 4 instructions and the states it ran through so far (hex text) as the prompt; the next
 state as the simulator computes it, chosen; that state with the instruction's result wrong,
 rejected. A small transformer (`MODEL`, byte tokenizer) first trains with `train.method=standard`
 on the pairs' chosen texts (`--sft_steps`): the model DPO starts from and its reference. From it
-(`train.init_from`), two arms train `--steps` more steps on the same batches at the same
+(`train.init_from`), two arms train `--steps` more steps on the same batches, each at a
 constant learning rate:
 
-  dpo   `train.method=dpo`, beta `--beta`;
-  sft   `train.method=standard` on the chosen texts: more of the same supervised data at equal
-        steps (the control: does DPO add what more supervised training does not?).
+  dpo   `train.method=dpo`, beta `--beta`, one arm per `--dpo_learning_rates`: lower than
+        SFT's, as in the paper and TRL (at SFT's 1e-3 DPO drove log pi(chosen) from -9 to -67
+        nats in 160 steps and the model stopped producing states at all);
+  sft   `train.method=standard` on the chosen texts at SFT's `--learning_rate`: more of the
+        same supervised data at equal steps (the control: does DPO add what more supervised
+        training does not?).
 
 Each arm is evaluated at `--evals` points on the held-out split (other seeds than training's):
 the mean of log pi(chosen|x) - log pi(rejected|x) over every held-out pair, and, for every
@@ -46,7 +50,8 @@ BATCH = 16
 RESPONSE_TOKENS = 37  # a state's line: 36 characters and eos
 
 
-def run_config(args, method: str, steps: int, seed: int, init_from: str = ""):
+def run_config(args, method: str, steps: int, seed: int, learning_rate: float,
+               init_from: str = ""):
   config = base_config()
   config.model.update(**MODEL)
   config.data.update(source="preferences", preference_dataset="cpu_states", tokenizer="byte",
@@ -55,7 +60,7 @@ def run_config(args, method: str, steps: int, seed: int, init_from: str = ""):
   # A constant learning rate after warmup (final_lr_fraction 1), so that a run trained in
   # segments (train.steps raised at each evaluation point) follows one trajectory.
   config.train.update(method=method, steps=steps, batch_size=BATCH,
-                      learning_rate=args.learning_rate, warmup_steps=20, final_lr_fraction=1.0,
+                      learning_rate=learning_rate, warmup_steps=20, final_lr_fraction=1.0,
                       seed=seed, init_from=init_from, log_every=10, eval_every=10 ** 9,
                       eval_batches=8, checkpoint_every=10 ** 9, keep_checkpoints=1,
                       progress_bar=False)
@@ -75,6 +80,17 @@ def train(config, workdir: str) -> float:
   with open(path, "w") as f:
     f.write(f"{seconds:.1f}\n")
   return seconds
+
+
+def evaluated(workdir: str, prompts: int) -> dict:
+  """`held_out` of the run's newest checkpoint, kept in the workdir (keyed by its step) so that
+  a re-run reads each evaluation point back rather than evaluating the newest params again."""
+  step = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
+             if name.isdigit())
+  path = os.path.join(workdir, f"held_out_step{step}_{prompts}prompts.npz")
+  if not os.path.isfile(path):
+    np.savez(path, **held_out(workdir, prompts))
+  return {k: v.item() if v.ndim == 0 else v for k, v in np.load(path).items()}
 
 
 def held_out(workdir: str, prompts: int) -> dict:
@@ -111,31 +127,57 @@ def change(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
   return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
-def reading(results: dict, args) -> list[str]:
-  """What the numbers say about the claim, per seed and overall."""
-  lines, verdicts = [], []
-  for seed, arms in results.items():
-    start, dpo_end, sft_end = arms["dpo"][0], arms["dpo"][-1], arms["sft"][-1]
-    margin, margin_se = change(start["margins"], dpo_end["margins"])
-    state, state_se = change(start["state_right"], dpo_end["state_right"])
-    vs_margin, vs_margin_se = change(sft_end["margins"], dpo_end["margins"])
-    vs_state, vs_state_se = change(sft_end["state_right"], dpo_end["state_right"])
-    margin_up, state_up = margin > 2 * margin_se, state > 2 * state_se
-    verdicts.append(margin_up and state_up)
-    lines.append(
-        f"Seed {seed}: after {dpo_end['step']} DPO steps the held-out margin "
-        f"moved by {margin:+.2f} nats (standard error {margin_se:.2f}: "
-        f"{'a rise' if margin_up else 'no clear rise'}) and the generated next states' "
-        f"accuracy by {100 * state:+.1f} points (standard error {100 * state_se:.1f}: "
-        f"{'a rise' if state_up else 'no clear rise'}). Against the SFT control at equal "
-        f"steps, DPO's margin is {vs_margin:+.2f} ({vs_margin_se:.2f}) nats and its state "
-        f"accuracy {100 * vs_state:+.1f} ({100 * vs_state_se:.1f}) points.")
-  verdict = ("reproduced" if all(verdicts) else "not reproduced" if not any(verdicts)
-             else "reproduced for some seeds only")
+def dpo_arms(results: dict) -> list[str]:
+  """The DPO arms' labels (one per DPO learning rate), as the results hold them."""
+  return [arm for arm in next(iter(results.values())) if arm.startswith("dpo")]
+
+
+def reading(results: dict) -> list[str]:
+  """What the numbers say about the claim, per DPO learning rate and seed."""
+  lines, reproduced_at, collapsed_at = [], [], []
+  for arm in dpo_arms(results):
+    verdicts = []
+    for seed, arms in results.items():
+      start, dpo_end, sft_end = arms[arm][0], arms[arm][-1], arms["sft"][-1]
+      margin, margin_se = change(start["margins"], dpo_end["margins"])
+      state, state_se = change(start["state_right"], dpo_end["state_right"])
+      chosen, chosen_se = change(start["logp_chosen"], dpo_end["logp_chosen"])
+      vs_state, vs_state_se = change(sft_end["state_right"], dpo_end["state_right"])
+      margin_up, state_up = margin > 2 * margin_se, state > 2 * state_se
+      verdicts.append(margin_up and state_up)
+      if margin_up and chosen < -2 * chosen_se:
+        collapsed_at.append(arm)
+      lines.append(
+          f"{arm}, seed {seed}: after {dpo_end['step']} steps the held-out margin moved by "
+          f"{margin:+.2f} nats (standard error {margin_se:.2f}: "
+          f"{'a rise' if margin_up else 'no clear rise'}), log pi(chosen) by {chosen:+.2f} "
+          f"({chosen_se:.2f}) nats, and the generated next states' accuracy by "
+          f"{100 * state:+.1f} points ({100 * state_se:.1f}: "
+          f"{'a rise' if state_up else 'no clear rise'}); against the SFT control at equal "
+          f"steps, {100 * vs_state:+.1f} ({100 * vs_state_se:.1f}) points.")
+    if all(verdicts):
+      reproduced_at.append(arm)
+    lines.append("")
+  arms = dpo_arms(results)
+  if reproduced_at:
+    verdict = f"reproduced for {', '.join(reproduced_at)}, every seed"
+    if len(reproduced_at) < len(arms):
+      verdict += f"; not for {', '.join(a for a in arms if a not in reproduced_at)}"
+  else:
+    verdict = "not reproduced at any DPO learning rate tried"
+  why = []
+  if collapsed_at:
+    arms_named = ", ".join(sorted(set(collapsed_at)))
+    why = ["", f"Where the margin rose while log pi(chosen) fell ({arms_named}), "
+           "DPO widened the gap by lowering both responses' likelihood, the rejected one faster: "
+           "the failure Pal et al. (2024, DPO-Positive) describe for pairs a few tokens apart, "
+           "as these are (a rejected state differs from the chosen one only in the values the "
+           "instruction changes, and shares its format and the rest of its bytes)."]
   return [f"**Reading: {verdict}.** The claim: DPO raises the chosen-over-rejected margin on "
           "held-out pairs and moves what the model generates toward the chosen responses. A "
-          "seed reproduces it when both rise by more than twice their standard error.", "",
-          *lines]
+          "seed reproduces it when both rise from the SFT start by more than twice their "
+          "standard error (paired over the same held-out pairs and prompts).", "",
+          *lines, *why]
 
 
 def write_results(results: dict, args, seconds: float) -> None:
@@ -143,38 +185,44 @@ def write_results(results: dict, args, seconds: float) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   command = (f"python experiments/dpo.py --workdir {args.workdir} --sft_steps {args.sft_steps} "
-             f"--steps {args.steps} --evals {args.evals} --beta {args.beta} --seeds {args.seeds}")
+             f"--steps {args.steps} --evals {args.evals} --beta {args.beta} "
+             f"--learning_rate {args.learning_rate} "
+             f"--dpo_learning_rates {args.dpo_learning_rates} --prompts {args.prompts} "
+             f"--seeds {args.seeds}")
   lines = [*header("DPO on CPU-state preference pairs: held-out margins and generated states",
                    command, seconds, took=" of training"), "",
            f"Model: {MODEL}, byte tokenizer, rows of {SEQ_LEN} tokens, batch {BATCH}, "
-           f"learning rate {args.learning_rate} (constant after 20 warmup steps). SFT "
-           f"{args.sft_steps} steps on the chosen texts, then {args.steps} steps of each arm "
-           f"from it; beta {args.beta}. Held out: every validation pair (margins) and "
-           f"{args.prompts} prompts (greedy next state, scored by the simulator).", "",
+           f"constant learning rates after 20 warmup steps: {args.learning_rate} for SFT and "
+           f"the sft arm, {args.dpo_learning_rates} for the DPO arms. SFT {args.sft_steps} "
+           f"steps on the chosen texts, then {args.steps} steps of each arm from it; beta "
+           f"{args.beta}. Held out: every validation pair (margins) and {args.prompts} prompts "
+           "(greedy next state, scored by the simulator).", "",
            "| seed | arm | step | margin (nats) | pairs with margin > 0 | log pi(chosen) | "
            "generated states right | bytes right | eval loss (chosen texts) |",
            "|---|---|---|---|---|---|---|---|---|"]
   for seed, arms in results.items():
-    for arm, points in arms.items():
-      for point in points[(0 if arm == "dpo" else 1):]:
+    for index, (arm, points) in enumerate(arms.items()):
+      for point in points[(0 if index == 0 else 1):]:
         lines.append(
             f"| {seed} | {arm if point is not points[0] else 'start (SFT)'} | {point['step']} | "
             f"{point['margins'].mean():.2f} | {100 * (point['margins'] > 0).mean():.1f}% | "
             f"{point['logp_chosen'].mean():.2f} | {100 * point['state_right'].mean():.1f}% | "
             f"{100 * point['byte_right'].mean():.1f}% | {point['eval_loss']:.4f} |")
-  lines += ["", *reading(results, args)]
+  lines += ["", *reading(results)]
   write(args.out + ".md", lines)
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for seed, arms in results.items():
-    for arm, style in (("dpo", "-"), ("sft", "--")):
-      steps = [p["step"] for p in arms[arm]]
-      axes[0].plot(steps, [p["margins"].mean() for p in arms[arm]], style, marker="o",
-                   label=f"{arm}, seed {seed}")
-      axes[1].plot(steps, [100 * p["state_right"].mean() for p in arms[arm]], style, marker="o",
-                   label=f"{arm}, seed {seed}")
+  for arm in [*dpo_arms(results), "sft"]:
+    runs = [arms[arm] for arms in results.values()]
+    steps = [p["step"] for p in runs[0]]
+    for ax, value in ((axes[0], lambda p: p["margins"].mean()),
+                      (axes[1], lambda p: 100 * p["state_right"].mean())):
+      values = np.array([[value(p) for p in run] for run in runs])  # [seeds, points]
+      line, = ax.plot(steps, values.mean(0), "--" if arm == "sft" else "-", marker="o",
+                      label=f"{arm} ({len(runs)} seeds)")
+      ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
   axes[0].set(xlabel="steps after SFT", ylabel="held-out log pi(chosen) - log pi(rejected)",
-              title="margin on held-out pairs")
+              title="margin on held-out pairs (seed mean, band: min-max)")
   axes[1].set(xlabel="steps after SFT", ylabel="% of generated next states right",
               title="greedy next state, scored by the simulator")
   for ax in axes:
@@ -192,9 +240,11 @@ def main():
   parser.add_argument("--steps", type=int, default=160)
   parser.add_argument("--evals", type=int, default=4)
   parser.add_argument("--beta", type=float, default=0.1)
-  parser.add_argument("--learning_rate", type=float, default=1e-3)
+  parser.add_argument("--learning_rate", type=float, default=1e-3, help="SFT's")
+  parser.add_argument("--dpo_learning_rates", default="1e-4,1e-5,1e-6",
+                      help="one DPO arm per learning rate (comma-separated)")
   parser.add_argument("--prompts", type=int, default=500)
-  parser.add_argument("--seeds", default="0")
+  parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "results", "dpo"))
   args = parser.parse_args()
@@ -202,16 +252,19 @@ def main():
   for seed in map(int, args.seeds.split(",")):
     root = os.path.join(args.workdir, f"seed{seed}")
     sft = os.path.join(root, "sft_start")
-    seconds += train(run_config(args, "standard", args.sft_steps, seed), sft)
-    start = held_out(sft, args.prompts)
+    seconds += train(run_config(args, "standard", args.sft_steps, seed, args.learning_rate), sft)
+    start = evaluated(sft, args.prompts)
     results[seed] = {}
-    for arm, method in (("dpo", "dpo"), ("sft", "standard")):
+    arms = [(f"dpo lr {lr:g}", "dpo", lr, f"dpo_lr{lr:g}")
+            for lr in map(float, args.dpo_learning_rates.split(","))]
+    arms.append(("sft", "standard", args.learning_rate, f"sft_lr{args.learning_rate:g}"))
+    for arm, method, learning_rate, name in arms:
       points = [{**start, "step": 0}]  # the arms count their steps from the start
       for k in range(1, args.evals + 1):
         steps = args.steps * k // args.evals
-        seconds += train(run_config(args, method, steps, seed, init_from=sft),
-                         os.path.join(root, arm))
-        points.append(held_out(os.path.join(root, arm), args.prompts))
+        seconds += train(run_config(args, method, steps, seed, learning_rate, init_from=sft),
+                         os.path.join(root, name))
+        points.append(evaluated(os.path.join(root, name), args.prompts))
       results[seed][arm] = points
   write_results(results, args, seconds)
 
