@@ -85,10 +85,15 @@ def activate(mesh: Mesh, rules):
     yield
 
 
+def mesh_axes(logical_axis: str, rules) -> tuple[str, ...]:
+  """The mesh axes `logical_axis` maps to under `rules` (its first rule)."""
+  axes = nn.logical_to_mesh_axes((logical_axis,), rules)[0]
+  return () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+
+
 def batch_axes(rules) -> tuple[str, ...]:
   """The mesh axes the logical axis "batch" maps to under `rules`."""
-  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
-  return () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+  return mesh_axes("batch", rules)
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
@@ -105,6 +110,22 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, rules, what: str = "") 
         f"{what or f'train.batch_size={global_batch_size}'} cannot be split over the data axes "
         f"({' x '.join(axes) or 'none'} = {ways} ways) and {jax.process_count()} processes: "
         "choose a multiple of both")
+
+
+def check_expert_axis(num_experts: int, mesh: Mesh, rules) -> None:
+  """Refuses MoE experts that the mesh axes of the logical axis "expert" cannot split evenly:
+  each device along them holds num_experts / ways whole experts (and the dropless path sends
+  tokens to them), so an axis larger than the experts, or not dividing them, leaves a device
+  without its share."""
+  axes = mesh_axes("expert", rules)
+  ways = math.prod(mesh.shape[a] for a in axes)
+  split = f"the expert axis ({' x '.join(axes) or 'none'} = {ways} ways)"
+  if ways > num_experts:
+    raise ConfigError(f"{split} is larger than model.moe.num_experts={num_experts}: each device "
+                      "along it must hold at least one expert")
+  if num_experts % ways:
+    raise ConfigError(f"model.moe.num_experts={num_experts} cannot be split over {split}: "
+                      "choose a multiple of it")
 
 
 def shard_batch(local_batch: dict, mesh: Mesh, rules) -> dict:

@@ -7,9 +7,9 @@ Imported by the test (one CPU device: the reference) and run as a subprocess on 
 The subprocess runs `STEPS` real train steps (`Trainer.step`: sharded init, sharded batches, the
 jitted step with its in/out shardings) under each mesh of `MESHES`, and saves per mesh the
 losses (and MoE's dropped tokens), the first step's full gradient, the final params, how params
-and grads are laid out, and the all-gathers and all-to-alls in the compiled step; plus the
-messages of the configs 8 devices cannot run. The one-device side runs each model variant of
-`VARIANTS` that a mesh uses.
+and grads are laid out, the all-gathers and all-to-alls in the compiled step and the bytes its
+collectives move; plus the messages of the configs 8 devices cannot run. The one-device side
+runs each model variant of `VARIANTS` that a mesh uses.
 """
 import json
 import os
@@ -37,6 +37,8 @@ VARIANTS = {
     "pallas": ["model.attention_impl=pallas", "model.head_dim=64"],
     # MoE through the capacity path (capacity 16 of 32 tokens a row: some copies dropped).
     "moe": ["model.mlp_impl=moe", "model.moe.num_experts=4", "model.moe.capacity_factor=1.0"],
+    # MoE through the dropless path (top-2: tokens exchanged with the experts' devices).
+    "moe_dropless": ["model.mlp_impl=moe", "model.moe.num_experts=4"],
 }
 MESH_3D = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 MESHES = {  # name -> (model variant, overrides); batch_size 8 splits over the batch axes in each
@@ -46,6 +48,9 @@ MESHES = {  # name -> (model variant, overrides); batch_size 8 splits over the b
     "data4_tensor2_accum2": ("xla", ["mesh.data=-1", "mesh.tensor=2", "train.grad_accum=2"]),
     "data2_fsdp2_tensor2_pallas": ("pallas", MESH_3D),
     "data4_expert2_moe": ("moe", ["mesh.data=4", "mesh.expert=2"]),
+    "data2_expert4_moe_dropless": ("moe_dropless", ["mesh.data=2", "mesh.expert=4"]),
+    "fsdp2_expert4_moe_dropless": ("moe_dropless", ["mesh.data=1", "mesh.fsdp=2",
+                                                    "mesh.expert=4"]),
 }
 # The XLA attention at the Pallas variant's sizes and mesh: all-gathers the kernel may not exceed.
 XLA_YARDSTICK = MESH_3D + ["model.head_dim=64"]
@@ -118,6 +123,7 @@ def run(overrides=()) -> dict:
           "all_to_alls": len(re.findall(r"\ball-to-all(?:-start)?\(", compiled)),
           "all_gather_shapes": re.findall(r"= \(?\w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(",
                                           compiled),
+          "collective_bytes": sharding.collective_bytes(compiled),
           "dropped_tokens": dropped}
 
 
@@ -141,7 +147,10 @@ def packed_logits(mesh_overrides=()) -> np.ndarray:
 
 def dropless_moe_grads(mesh_overrides=()) -> dict:
   """Output and gradients (params and input) of one dropless MoE layer (per device in
-  shard_map under a mesh, the experts' weights gathered) on fixed inputs."""
+  shard_map under a mesh, token copies sent to their experts' devices) on fixed inputs, with a
+  zero router: uniform probabilities, so every token's top 2 are experts 0 and 1 (ties: the
+  lower index), the exchange's worst case (with one expert a device, each of the first two
+  devices gets a copy of every token; the others get none)."""
   from llm_research.models.moe import MoE
   config = config_lib.load_config(TINY_CONFIG, ["model.mlp_impl=moe", "model.moe.num_experts=4",
                                                 *mesh_overrides])
@@ -150,6 +159,7 @@ def dropless_moe_grads(mesh_overrides=()) -> dict:
   probe = jnp.asarray(np.random.default_rng(4).normal(size=(8, 32, 32)), jnp.float32)
   boxed = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
   params = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"])
+  params["router"]["kernel"] = jnp.zeros_like(params["router"]["kernel"])
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   loss = lambda p, x: jnp.sum(layer.apply({"params": p}, x) * probe)
@@ -170,6 +180,8 @@ def refusals(workdir: str) -> dict:
       "mesh_16": ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=2"],
       "batch_12_on_8": ["mesh.data=8", "train.batch_size=12"],
       "micro_batch_4_on_8": ["mesh.data=8", "train.batch_size=8", "train.grad_accum=2"],
+      "experts_6_on_expert4": ["mesh.data=2", "mesh.expert=4", "model.mlp_impl=moe",
+                               "model.moe.num_experts=6"],
   }.items():
     # Through the CLI, into a workdir that must stay as it is. Were a config not refused, the
     # missing text_dir would be refused instead, with another message.
@@ -189,7 +201,7 @@ def main(out_path: str, workdir: str):
   arrays, summary = {}, {"refusals": refusals(workdir),
                          "xla_yardstick_all_gathers": run(XLA_YARDSTICK)["all_gathers"]}
   arrays["packed_logits"] = packed_logits(MESH_3D)
-  for name, value in dropless_moe_grads(["mesh.data=4", "mesh.expert=2"]).items():
+  for name, value in dropless_moe_grads(["mesh.data=2", "mesh.expert=4"]).items():
     arrays[f"dropless_moe|{name}"] = value
   for name, result in results.items():
     for kind in ("grads", "params"):

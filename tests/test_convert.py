@@ -371,6 +371,20 @@ def test_qwen2_biases_are_refused_by_name(tmp_path, capsys):
   assert not os.path.exists(tmp_path / "run")
 
 
+def test_top1_mixtral_is_refused_both_ways():
+  """Mixtral weighs a lone expert 1, the core's top-1 router by its probability: refused."""
+  from llm_research.hf import architectures
+  hf = transformers.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=1).to_dict()
+  hf["architectures"] = ["MixtralForCausalLM"]
+  with pytest.raises(convert.ConfigError, match="num_experts_per_tok=1 .*probability"):
+    architectures.from_hf_config(hf, "config.json")
+  hf["num_experts_per_tok"] = 2
+  config = architectures.from_hf_config(hf, "config.json")
+  with pytest.raises(convert.ConfigError, match="moe.experts_per_token=1 must be at least 2"):
+    architectures.check_exportable(dataclasses.replace(
+        config, moe=dataclasses.replace(config.moe, experts_per_token=1)))
+
+
 def _save_tokenizer(folder: str):
   """A small byte-level BPE tokenizer.json (trained here) and its tokenizer_config.json."""
   tokenizers = pytest.importorskip("tokenizers")

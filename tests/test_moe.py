@@ -1,7 +1,8 @@
-"""Mixture of experts (models/moe.py): routing (capacity, dropping, expert choice, combine
-weights) against numpy references, dropless == capacity path, causality of what should be
-causal, KV-cache decoding, auxiliary losses and the dropped-token count in the train metrics,
-parameter counts, bad config values.
+"""Mixture of experts (models/moe.py): routing (capacity in each order, dropping, the kept
+copies' weights, expert choice, combine weights) against numpy references, the router's
+task-loss gradient for every k, dropless == capacity path, causality of what should be causal,
+KV-cache decoding, auxiliary losses, the dropped-token count and router statistics in the train
+metrics, parameter counts, bad config values.
 """
 import dataclasses
 import functools
@@ -81,24 +82,36 @@ def random_probs(seed, shape):
 
 # ---- routing ------------------------------------------------------------------------------------
 
-def reference_top_k_capacity(probs, k, capacity, renormalize):
-  """numpy: per group, each expert keeps its `capacity` highest-scored token copies (ties: the
-  earlier copy); {(group, token, expert): combine weight}, number dropped."""
+def reference_top_k_capacity(probs, k, capacity, renormalize, order="choice_then_score",
+                             renormalize_kept=False):
+  """numpy: per group, each expert keeps the first `capacity` token copies offered in `order`
+  (ties: the earlier copy); {(group, token, expert): combine weight}, number dropped."""
   probs = np.asarray(probs)
   kept, dropped = {}, 0
   for g, group in enumerate(probs):
-    offers = {}  # expert -> [(-score, copy index, token, weight)]
+    copies, totals = [], []  # (sort key, token, expert, weight); each token's weights' sum
     for s, p in enumerate(group):
       experts = np.argsort(-p, kind="stable")[:k]
       scores = p[experts]
-      weights = scores / scores.sum() if renormalize else scores
-      for slot, (e, score, w) in enumerate(zip(experts, scores, weights)):
-        offers.setdefault(e, []).append((-score, s * k + slot, s, w))
-    for e, offered in offers.items():
-      offered.sort()
-      for _, _, s, w in offered[:capacity]:
+      weights = scores / scores.sum() if renormalize and k > 1 else scores
+      totals.append(weights.sum())
+      for j, (e, score, w) in enumerate(zip(experts, scores, weights)):
+        key = {"choice_then_score": (j, -scores[0], s), "choice_then_position": (j, s),
+               "score": (-score, s * k + j)}[order]
+        copies.append((key, s, e, w))
+    taken = {}  # expert -> copies kept so far
+    for _, s, e, w in sorted(copies, key=lambda copy: copy[0]):
+      if taken.get(e, 0) < capacity:
+        taken[e] = taken.get(e, 0) + 1
         kept[(g, s, e)] = w
-      dropped += max(0, len(offered) - capacity)
+      else:
+        dropped += 1
+    if renormalize_kept:
+      for s, total in enumerate(totals):
+        mine = [key for key in kept if key[:2] == (g, s)]
+        scale = total / sum(kept[key] for key in mine) if mine else 0
+        for key in mine:
+          kept[key] *= scale
   return kept, dropped
 
 
@@ -110,12 +123,17 @@ def as_assignments(routing):
   return {(a, b, c): combine[a, b, c].sum() for a, b, c in zip(g, s, e)}
 
 
-@pytest.mark.parametrize("k, capacity, renormalize", [(1, 2, True), (2, 3, True), (2, 5, False)])
-def test_capacity_keeps_the_highest_scored_copies_and_counts_the_dropped(k, capacity,
-                                                                         renormalize):
+@pytest.mark.parametrize("k, capacity, renormalize, order, renormalize_kept", [
+    (1, 2, True, "choice_then_score", False), (2, 3, True, "choice_then_score", False),
+    (2, 5, False, "choice_then_score", True), (3, 4, True, "choice_then_position", True),
+    (2, 3, True, "score", False)])
+def test_capacity_keeps_the_first_copies_in_its_order_and_counts_the_dropped(
+    k, capacity, renormalize, order, renormalize_kept):
   probs = random_probs(0, (3, 10, 4))
-  routing = moe.top_k_capacity_routing(probs, k, capacity, renormalize)
-  want, dropped = reference_top_k_capacity(probs, k, capacity, renormalize)
+  routing = moe.top_k_capacity_routing(probs, k, capacity, renormalize, order=order,
+                                       renormalize_kept=renormalize_kept)
+  want, dropped = reference_top_k_capacity(probs, k, capacity, renormalize, order,
+                                           renormalize_kept)
   got = as_assignments(routing)
   assert dropped > 0  # the case tests dropping
   assert int(routing.dropped) == dropped
@@ -123,13 +141,32 @@ def test_capacity_keeps_the_highest_scored_copies_and_counts_the_dropped(k, capa
   np.testing.assert_allclose([got[a] for a in want], [want[a] for a in want], rtol=1e-6)
 
 
-def test_capacity_dropping_by_hand():
-  """Six tokens all want expert 0 (capacity 3): the three most probable stay."""
-  p0 = np.array([0.6, 0.9, 0.7, 0.55, 0.95, 0.8])
-  probs = jnp.asarray(np.stack([p0, 1 - p0], axis=-1)[None], jnp.float32)  # [1, 6, 2]
-  routing = moe.top_k_capacity_routing(probs, 1, 3, renormalize=True)
-  assert int(routing.dropped) == 3
-  assert sorted(s for _, s, e in as_assignments(routing) if e == 0) == [1, 4, 5]
+@pytest.mark.parametrize("order, kept", [
+    ("choice_then_score", {(0, 1), (1, 0), (1, 2)}),
+    ("choice_then_position", {(0, 1), (1, 0), (1, 2)}),
+    ("score", {(0, 1), (0, 2), (1, 0)})])
+def test_first_choices_are_served_before_second_choices(order, kept):
+  """The issue's case, capacity 1: token 0 wants experts 1 then 2, token 1 wants 2 then 0.
+  Choice-major orders keep both first choices (token 1's second too: expert 0 is free) and
+  drop token 0's second; "score" ranks token 0's second choice (0.45) above token 1's first
+  (0.4) and drops the latter."""
+  probs = jnp.asarray([[[.05, .5, .45], [.3, .3, .4]]])
+  routing = moe.top_k_capacity_routing(probs, 2, 1, True, order=order)
+  assert {(s, e) for _, s, e in as_assignments(routing)} == kept
+  assert int(routing.dropped) == 1
+
+
+def test_a_kept_copy_keeps_its_weight_unless_renormalised_over_the_kept():
+  """Token 1 (of the case above, "score" order) keeps only its second choice, expert 0
+  (renormalised weight .3 / .7): its weight stays 3 / 7, or with `renormalize_kept` is the
+  whole 1. Top-1 keeps its probability either way (Switch Transformer's weight)."""
+  probs = jnp.asarray([[[.05, .5, .45], [.3, .3, .4]]])
+  for renormalize_kept, weight in ((False, 3 / 7), (True, 1.0)):
+    routing = moe.top_k_capacity_routing(probs, 2, 1, True, order="score",
+                                         renormalize_kept=renormalize_kept)
+    assert as_assignments(routing)[(0, 1, 0)] == pytest.approx(weight)
+  routing = moe.top_k_capacity_routing(probs, 1, 1, True, renormalize_kept=True)
+  assert as_assignments(routing) == pytest.approx({(0, 0, 1): 0.5, (0, 1, 2): 0.4})
 
 
 def test_expert_choice_takes_exactly_its_capacity_of_its_top_tokens():
@@ -152,21 +189,35 @@ def test_expert_choice_takes_exactly_its_capacity_of_its_top_tokens():
   assert int(routing.dropped) == untaken
 
 
-@pytest.mark.parametrize("renormalize", [True, False])
-def test_combine_weights_are_the_chosen_probabilities_renormalised_if_asked(renormalize):
+@pytest.mark.parametrize("k, renormalize", [(2, True), (2, False), (1, True)])
+def test_combine_weights_are_the_chosen_probabilities_renormalised_if_asked(k, renormalize):
+  """Renormalised over the chosen k when k > 1; top-1's weight is its probability."""
   probs = random_probs(2, (2, 7, 5))
-  gates, experts, scores = moe.top_k_gates(probs, 2, renormalize)
+  gates, experts, scores = moe.top_k_gates(probs, k, renormalize)
   np.testing.assert_allclose(scores, np.take_along_axis(np.asarray(probs), experts, -1))
-  assert np.all(np.asarray(scores)[..., 0] >= np.asarray(scores)[..., 1])
-  want = scores / scores.sum(-1, keepdims=True) if renormalize else scores
+  assert np.all(np.asarray(scores)[..., :-1] >= np.asarray(scores)[..., 1:])
+  want = scores / scores.sum(-1, keepdims=True) if renormalize and k > 1 else scores
   np.testing.assert_allclose(gates, want, rtol=1e-6)
   # Through the capacity path with room for every copy: each token's weights sum as specified.
-  routing = moe.top_k_capacity_routing(probs, 2, 7, renormalize)
+  routing = moe.top_k_capacity_routing(probs, k, 7, renormalize)
   assert int(routing.dropped) == 0
   np.testing.assert_allclose(np.asarray(routing.combine).sum(axis=(2, 3)),
                              np.asarray(want).sum(-1), rtol=1e-6)
-  if renormalize:
-    np.testing.assert_allclose(np.asarray(routing.combine).sum(axis=(2, 3)), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_the_router_learns_from_the_task_loss_for_every_k(k):
+  """The default group (renormalize_combine, dropless), no router loss: the task loss's
+  gradient reaches the router, comparable to the experts' (top-1 renormalised would weigh
+  every token's expert by p / p = 1, a constant: a router gradient of rounding noise)."""
+  cfg = tiny_moe(dict(experts_per_token=k, load_balance_weight=0.0, router_z_loss_weight=0.0))
+  layer = moe.MoE(cfg)
+  x = jax.random.normal(jax.random.key(14), (2, 9, 32))
+  probe = jax.random.normal(jax.random.key(15), (2, 9, 32))
+  params = nn.meta.unbox(layer.init(jax.random.key(16), x)["params"])
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) * probe)))(params)
+  size = lambda name: float(jnp.linalg.norm(grads[name]["kernel"]))
+  assert size("router") > 1e-2 * size("up"), (size("router"), size("up"))
 
 
 def test_dropless_path_equals_capacity_path_when_nothing_is_dropped():
@@ -251,7 +302,9 @@ def test_aux_losses_and_dropped_tokens_reach_the_train_metrics(every_other_param
   """A zero router: probabilities uniform, every token's top k are experts 0..k-1, so the
   load-balancing loss is exactly 1 and the z-loss log(E)^2 per MoE layer, and with capacity C
   each row drops k (length - C) copies per layer; the train step (2 micro-batches) reports the
-  weighted sums, and the count summed over its micro-batches."""
+  weighted sums, and the count summed over its micro-batches. The router statistics are means
+  over tokens and MoE layers: loads 1 / k for experts 0..k-1 and 0 for the others (their
+  coefficient of variation sqrt(E / k - 1)), dropped fraction 1 - C / length."""
   cfg = with_moe(EVERY_OTHER, capacity_factor=1.0, load_balance_weight=0.1,
                  router_z_loss_weight=0.01)
   model = Transformer(cfg)
@@ -277,6 +330,10 @@ def test_aux_losses_and_dropped_tokens_reach_the_train_metrics(every_other_param
       0.01 * layers * np.log(experts)**2, rel=1e-5)
   # Each of experts 0..k-1 is offered every token of a row and keeps `capacity`.
   assert float(metrics["moe_dropped_tokens"]) == layers * rows * k * (length - capacity)
+  loads = [float(metrics[f"moe_load/expert_{e}"]) for e in range(experts)]
+  np.testing.assert_allclose(loads, [1 / k] * k + [0] * (experts - k), atol=1e-6)
+  assert float(metrics["moe_load_cv"]) == pytest.approx(np.sqrt(experts / k - 1), rel=1e-5)
+  assert float(metrics["moe_dropped_fraction"]) == pytest.approx(1 - capacity / length)
 
 
 def test_parameter_counts_match_the_params():
@@ -303,6 +360,7 @@ def test_parameter_counts_match_the_params():
     (dict(moe=dict(experts_per_token=0)), "model.moe.experts_per_token=0 must be from 1"),
     (dict(moe=dict(router="switch")), "model.moe.router='switch' is not one of"),
     (dict(moe=dict(capacity_factor=-1.0)), "model.moe.capacity_factor=-1.0 must not be negative"),
+    (dict(moe=dict(capacity_order="fifo")), "model.moe.capacity_order='fifo' is not one of"),
     (dict(moe=dict(router="expert_choice")),
      "model.moe.capacity_factor=0.0 cannot hold a token: router='expert_choice' needs"),
     (dict(num_layers=3, moe=dict(every=2)), "model.moe.every=2 must divide num_layers=3"),

@@ -1,7 +1,8 @@
 """Sharding: train steps on 8 fake devices (data, fsdp, tensor and expert parallel) compute what
 one device computes, with the XLA attention, the Pallas kernel inside shard_map and MoE experts
-sharded over `expert` (tokens sent to them by all-to-all); params and grads are laid out as the
-logical-axis rules say; configs that do not fit the devices are refused by name.
+sharded over `expert` (tokens sent to them by all-to-all, capacity and dropless paths); params
+and grads are laid out as the logical-axis rules say; configs that do not fit the devices are
+refused by name.
 
 The 8-device side runs in one subprocess (tests/sharding_worker.py): the main pytest process
 already has its single CPU device.
@@ -10,10 +11,12 @@ import fcntl
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh
 
 import sharding_worker
 from conftest import TESTS_DIR, beside_eight_devices
@@ -145,6 +148,9 @@ def test_configs_that_do_not_fit_8_devices_are_refused_by_name(eight_devices):
   assert refusals["micro_batch_4_on_8"].startswith(
       "the micro-batch of train.batch_size=8 / train.grad_accum=2 = 4 rows cannot be split "
       "over the data axes (data x fsdp x expert = 8 ways)")
+  assert refusals["experts_6_on_expert4"] == (
+      "model.moe.num_experts=6 cannot be split over the expert axis (expert = 4 ways): "
+      "choose a multiple of it")
   # The refused runs left the workdir they were pointed at as it was.
   assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]
   with open(workdir / "metrics.jsonl") as f:
@@ -161,6 +167,24 @@ def test_mesh_shape_names_what_does_not_fit(sizes, devices, message):
   mesh_config = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, **sizes}
   with pytest.raises(ValueError, match=message):
     sharding.mesh_shape(mesh_config, devices)
+
+
+@pytest.mark.parametrize("num_experts, expert_axis, message", [
+    (6, 4, "model.moe.num_experts=6 cannot be split over the expert axis (expert = 4 ways): "
+           "choose a multiple of it"),
+    (2, 4, "the expert axis (expert = 4 ways) is larger than model.moe.num_experts=2: each "
+           "device along it must hold at least one expert"),
+    (0, 2, "the expert axis (expert = 2 ways) is larger than model.moe.num_experts=0"),
+])
+def test_experts_the_expert_axis_cannot_split_are_refused_in_one_line(num_experts, expert_axis,
+                                                                      message, tiny_config):
+  """(The CLI's refusal, nothing written: test_configs_that_do_not_fit_8_devices_...)"""
+  mesh = AbstractMesh((8 // expert_axis, 1, 1, expert_axis), sharding.MESH_AXES)
+  rules = sharding.rules_from_config(tiny_config())
+  with pytest.raises(ValueError, match=re.escape(message)) as raised:
+    sharding.check_expert_axis(num_experts, mesh, rules)
+  assert "\n" not in str(raised.value)
+  sharding.check_expert_axis(2 * expert_axis, mesh, rules)  # a multiple: accepted
 
 
 def test_mesh_shape_fills_the_one_free_axis():
@@ -210,10 +234,33 @@ def test_moe_drops_the_same_tokens_sharded(eight_devices, one_device):
   assert all(d > 0 for d in dropped)  # capacity 16 of 32 a row: the case drops copies
 
 
-def test_dropless_moe_in_shard_map_computes_one_devices_output_and_gradients(eight_devices,
-                                                                          one_device):
-  """The dropless path per device (shard_map, replicated expert weights) on data=4 x expert=2:
-  the weights' gradients are summed over the devices' rows."""
+@pytest.mark.parametrize("mesh", ["data2_expert4_moe_dropless", "fsdp2_expert4_moe_dropless"])
+def test_dropless_moe_sends_tokens_to_their_experts_and_gathers_no_expert(mesh, eight_devices):
+  """Dropless top-2 with the 4 experts split over expert=4 (one a device), beside data=2 or
+  fsdp=2: the compiled step exchanges token copies with all-to-alls (forward: copies, their
+  expert ids and outputs; backward the copies and outputs again) and never gathers the experts
+  (FSDP gathers one device's expert over fsdp, [1, 32, 64], as it gathers every weight).
+  Beside data=2 it gathers nothing at all: not the rows' router probabilities either (top_k runs
+  per device). (Losses, gradients and params equal one device's:
+  test_losses_gradients_and_params_match_one_device.)"""
+  summary, _, _ = eight_devices
+  result = summary[mesh]
+  assert result["init_layout"]["layers/mlp/gate/kernel"][1][1] == 1  # [layers, 1 expert, ...]
+  assert result["all_to_alls"] >= 5, result["all_to_alls"]
+  assert result["collective_bytes"]["all-to-all"] > 0
+  experts = re.compile(r"(\d+,)?4,(32,64|64,32)$")  # [layers,] 4 experts, embed x mlp or back
+  assert not [s for s in result["all_gather_shapes"] if experts.match(s)], (
+      result["all_gather_shapes"])
+  if mesh.startswith("data2"):
+    assert result["all_gather_shapes"] == []
+
+
+def test_dropless_moe_layer_with_expert_parallelism_computes_one_devices_output_and_gradients(
+    eight_devices, one_device):
+  """One dropless MoE layer on data=2 x expert=4 (copies exchanged with their experts'
+  devices), every token routed to the first two devices' experts (the exchange's worst case):
+  its output (through a fixed probe) and the gradients of the params and the input equal one
+  device's."""
   _, arrays, _ = eight_devices
   want = one_device["dropless_moe"]
   assert set(want) == {"loss", "x", "router/kernel", "gate/kernel", "up/kernel", "down/kernel"}

@@ -65,6 +65,9 @@ def from_hf_config(hf: dict, where: str) -> TransformerConfig:
   if ARCHITECTURES[architecture] == "mixtral":
     refuse_unless(not hf.get("router_jitter_noise"), "router_jitter_noise",
                   "is not implemented by the core's router")
+    refuse_unless(hf["num_experts_per_tok"] >= 2, "num_experts_per_tok",
+                  "is not supported: Mixtral gives a lone expert weight 1, the core's top-1 "
+                  "router its probability (Switch Transformer's convention)")
     fields.update(mlp_impl="moe", moe=MoEConfig(
         num_experts=hf["num_local_experts"], experts_per_token=hf["num_experts_per_tok"],
         router="top_k", capacity_factor=0.0, every=1, renormalize_combine=True))
@@ -147,4 +150,7 @@ def check_exportable(config: TransformerConfig) -> None:
                 "must be 0 (dropless, as Mixtral computes)")
   refuse_unless(moe.renormalize_combine, "moe.renormalize_combine",
                 "must be True (Mixtral renormalises the top-k weights)")
+  refuse_unless(moe.experts_per_token >= 2, "moe.experts_per_token",
+                "must be at least 2: Mixtral gives a lone expert weight 1, the core's top-1 "
+                "router its probability")
 

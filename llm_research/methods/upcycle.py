@@ -7,9 +7,11 @@ Every `moe.every`-th layer (the last of each group, as the MoE model places them
 other layer, as the paper) gets an MoE MLP whose `moe.num_experts` experts are each a copy of that
 layer's dense MLP ("gate", "up", "down" kernels, broadcast over a leading expert axis), with a
 fresh router (the MoE model's small init, from `seed`); every other param is copied. With top-k
-routing, renormalised combine weights and no dropped token (dropless, or capacity enough), the
-experts of a layer are identical and their weights sum to 1, so the upcycled model computes
-the dense model's function at step 0.
+routing for k >= 2, renormalised combine weights and no dropped token (dropless, or capacity
+enough), the experts of a layer are identical and their weights sum to 1, so the upcycled model
+computes the dense model's function at step 0. Top-1 scales its expert by the router's
+probability (Switch Transformer's convention, so that the router learns), about 1 / num_experts
+at step 0: the upcycled model starts from the dense MLP's output scaled by that.
 
 The optimizer state is not carried over: training continues with a fresh one (as the paper
 does; `--config.train.init_from` starts at step 0). Works on scanned and looped layouts.

@@ -26,8 +26,8 @@ def data_options(model_config) -> dict:
 
 
 def checked_mesh(config) -> jax.sharding.Mesh:
-  """The run's mesh; refuses a batch or micro-batch its data axes cannot split evenly, and
-  what the training method cannot split."""
+  """The run's mesh; refuses a batch or micro-batch its data axes cannot split evenly, MoE
+  experts its expert axis cannot, and what the training method cannot split."""
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
@@ -39,6 +39,8 @@ def checked_mesh(config) -> jax.sharding.Mesh:
       tc.batch_size // tc.grad_accum, mesh, rules,
       what=f"the micro-batch of train.batch_size={tc.batch_size} / "
            f"train.grad_accum={tc.grad_accum} = {tc.batch_size // tc.grad_accum} rows")
+  if config.model.get("mlp_impl") == "moe":
+    sharding.check_expert_axis(config.model.moe.num_experts, mesh, rules)
   method_class(tc.method).check_mesh(config, mesh)
   return mesh
 
