@@ -4,7 +4,8 @@ Prompts of different lengths share a batch: each row writes its cache slots at i
 positions, so no left-padding or position shifting is needed. Any registered model generates
 here: `config.make_model(decode=True, cache_len=...)` (llm_research.models.registry), unless its
 config brings its own `generate(params, prompts, **settings)` (bGPT's two-level caches), which
-`generate` then calls.
+`generate` then calls. Early exit and self-speculative decoding (LayerSkip) build on this in
+speculative.py.
 """
 import functools
 
@@ -19,6 +20,13 @@ def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int = 0,
   after top-k (0 = off) and nucleus top-p (1 = off) truncation."""
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1)
+  return jax.random.categorical(rng, truncated_logits(logits, temperature, top_k, top_p),
+                                axis=-1)
+
+
+def truncated_logits(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """The logits `sample_logits` draws from at a temperature > 0 ([..., vocab], float32):
+  divided by the temperature, -inf outside the top-k and the nucleus top-p."""
   logits = logits.astype(jnp.float32) / temperature
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
@@ -30,7 +38,13 @@ def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int = 0,
     keep = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1)
+  return logits
+
+
+def empty_cache(model, batch_size: int):
+  """The zero KV cache of a decoding `model` (built with decode=True) for `batch_size` rows."""
+  return jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32)).get("cache", {})))
 
 
 def generate(config, params, prompts: list[list[int]], *,
@@ -45,15 +59,27 @@ def generate(config, params, prompts: list[list[int]], *,
   if own is not None:
     return own(params, prompts, max_new_tokens=max_new_tokens, rng=rng,
                temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+  tokens, lengths = right_padded(prompts)
+  rng = jax.random.key(0) if rng is None else rng
+  new = _generate(config, params, tokens, lengths, rng, max_new_tokens, float(temperature),
+                  int(top_k), float(top_p))
+  return cut_after_eos(new, eos_id)
+
+
+def right_padded(prompts: list[list[int]]) -> tuple[jax.Array, jax.Array]:
+  """(tokens [batch, longest] with each prompt from slot 0, lengths [batch]) of prompts of at
+  least one token each."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("generate needs at least one prompt, each of at least one token")
   lengths = np.array([len(p) for p in prompts], np.int32)
   tokens = np.zeros((len(prompts), lengths.max()), np.int32)
   for row, prompt in enumerate(prompts):
     tokens[row, :len(prompt)] = prompt
-  rng = jax.random.key(0) if rng is None else rng
-  new = _generate(config, params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
-                  max_new_tokens, float(temperature), int(top_k), float(top_p))
+  return jnp.asarray(tokens), jnp.asarray(lengths)
+
+
+def cut_after_eos(new, eos_id: int | None) -> list[list[int]]:
+  """The rows of new tokens [batch, n] as lists, each cut after its first `eos_id`."""
   out = []
   for row in np.asarray(new).tolist():
     if eos_id is not None and eos_id in row:
@@ -66,8 +92,7 @@ def generate(config, params, prompts: list[list[int]], *,
 def _generate(config, params, tokens, lengths, rng, max_new_tokens, temperature, top_k, top_p):
   batch, prompt_len = tokens.shape
   model = config.make_model(decode=True, cache_len=prompt_len + max_new_tokens)
-  cache = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-      lambda: model.init(jax.random.key(0), tokens[:, :1]).get("cache", {})))
+  cache = empty_cache(model, batch)
   positions = jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape)
   logits, updates = model.apply({"params": params, "cache": cache}, tokens, positions,
                                 mutable=["cache"])

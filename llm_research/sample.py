@@ -1,12 +1,19 @@
 """Sample from a run's newest checkpoint.
 
     python -m llm_research.sample --workdir <dir> [--prompt "def "]... [--temperature 0.8]
+    python -m llm_research.sample --workdir <dir> --self_speculative_exit E [--draft_tokens K]
+    python -m llm_research.sample --workdir <dir> --early_exit E
 
 Defaults come from the run's `config.sample`; several --prompt flags decode as one batch. A
 byte model (bGPT, data.source='bytes') takes a prompt's UTF-8 bytes, and its output is printed
-with the bytes a terminal cannot show escaped (\\x00, \\xff).
+with the bytes a terminal cannot show escaped (\\x00, \\xff). With a model trained for it
+(train.method=layerskip), --self_speculative_exit E drafts K tokens at a time with the first E
+layers and verifies them with the rest (the full model's output; it prints tokens/s and the
+acceptance rate), and --early_exit E decodes with the first E layers alone
+(llm_research/speculative.py).
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -14,7 +21,7 @@ import sys
 import jax
 import ml_collections
 
-from llm_research import data, decode, training
+from llm_research import data, decode, speculative, training
 from llm_research.checkpoints import Checkpointer, holds_params_only, restore_params
 from llm_research.errors import ConfigError
 from llm_research.methods.ternary_packing import abstract_params
@@ -52,19 +59,20 @@ def load_run(workdir: str, to: str = "sample from"):
 
 
 def sample_texts(config, tokenizer, model_config, params, prompts, *, to_text=None,
-                 **overrides) -> list[str]:
+                 generate=decode.generate, **overrides) -> list[str]:
   """Continuations of `prompts` (strings), with `config.sample` settings unless overridden;
-  `to_text` (token ids -> str) is the tokenizer's decode unless given."""
+  `to_text` (token ids -> str) is the tokenizer's decode unless given; `generate` takes
+  `decode.generate`'s arguments (e.g. an early exit's)."""
   to_text = to_text or tokenizer.decode
   settings = {**config.sample.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
   # bos first, unless the model starts a sequence itself (bGPT: its beginning-of-sequence patch).
   start = [] if getattr(model_config, "supplies_start", False) else [tokenizer.bos_id]
   encoded = [start + tokenizer.encode(p) for p in prompts]
-  new = decode.generate(model_config, params, encoded,
-                        max_new_tokens=settings["max_new_tokens"],
-                        rng=jax.random.key(settings["seed"]),
-                        temperature=settings["temperature"], top_k=settings["top_k"],
-                        top_p=settings["top_p"], eos_id=tokenizer.eos_id)
+  new = generate(model_config, params, encoded,
+                 max_new_tokens=settings["max_new_tokens"],
+                 rng=jax.random.key(settings["seed"]),
+                 temperature=settings["temperature"], top_k=settings["top_k"],
+                 top_p=settings["top_p"], eos_id=tokenizer.eos_id)
   # Decoded after the prompt, not alone: SentencePiece drops the leading space of the first
   # piece of a sequence, which would eat the space between the prompt and its continuation.
   texts = []
@@ -102,8 +110,15 @@ def main(argv=None):
   parser.add_argument("--top_k", type=int, help="0 is off")
   parser.add_argument("--top_p", type=float, help="1 is off")
   parser.add_argument("--seed", type=int)
+  exits = parser.add_mutually_exclusive_group()
+  exits.add_argument("--self_speculative_exit", type=int, metavar="E",
+                     help="draft with the first E layers, verify with the others")
+  exits.add_argument("--early_exit", type=int, metavar="E", help="decode with the first E layers")
+  parser.add_argument("--draft_tokens", type=int, default=4,
+                      help="tokens drafted a round (--self_speculative_exit)")
   args = parser.parse_args(argv)
   for flag, ok, what in [
+      ("draft_tokens", lambda k: k >= 1, "must be at least 1"),
       ("max_new_tokens", lambda n: n >= 0, "must not be negative"),
       ("temperature", lambda t: t >= 0, "must not be negative (0 is greedy)"),
       ("top_k", lambda k: k >= 0, "must not be negative (0 is off)"),
@@ -115,14 +130,42 @@ def main(argv=None):
     config, tokenizer, model_config, params, step = load_run(args.workdir)
     prompts = args.prompt or [config.sample.prompt]
     to_text, show_prompt = display(config, tokenizer)
+    generate, stats = exit_generator(model_config, args)
     texts = sample_texts(config, tokenizer, model_config, params, prompts, to_text=to_text,
-                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                         generate=generate, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed)
   except ConfigError as error:  # e.g. a run that does not generate (a bGPT classifier)
     sys.exit(f"error: {error}")
   for prompt, text in zip(prompts, texts):
     print(f"--- step {step}, prompt {prompt!r} ---\n{show_prompt(prompt)}{text}")
+  if stats:
+    print(f"self-speculative decoding, exit layer {args.self_speculative_exit}, "
+          f"{args.draft_tokens} draft tokens: {stats['tokens']} tokens in "
+          f"{stats['seconds']:.3f} s, {stats['tokens'] / stats['seconds']:.1f} tokens/s, "
+          f"acceptance rate {stats['acceptance_rate']:.3f}")
   return texts
+
+
+def exit_generator(model_config, args):
+  """(the generate function of the flags, the dict a self-speculative run fills with its
+  stats: speculative.generate's). Refuses an exit the model cannot take."""
+  stats = {}
+  if args.early_exit is not None:
+    speculative.check_exit_layer(model_config, args.early_exit, speculative=False)
+    return functools.partial(speculative.early_exit_generate, exit_layer=args.early_exit), stats
+  if args.self_speculative_exit is None:
+    return decode.generate, stats
+  speculative.check_exit_layer(model_config, args.self_speculative_exit, speculative=True)
+
+  def speculate(config, params, prompts, **settings):
+    new, run_stats = speculative.generate(config, params, prompts,
+                                          exit_layer=args.self_speculative_exit,
+                                          draft_tokens=args.draft_tokens, **settings)
+    stats.update(run_stats)
+    return new
+
+  return speculate, stats
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@
 #                         variants of the Hopper forward; the fastest marked
 #   generation       150  generation.md: a 1B BitNet model's tokens/s at batch 1 and 16, packed
 #                         weights against bfloat16, and memory
+#   moe              120  moe.md: the MoE layer and a 4-layer MoE model (dropless with
+#                         ragged_dot, capacity) against the dense peers of the same active
+#                         params, forward and forward + backward, bfloat16, one GPU
+#   layerskip        150  layerskip.md, layerskip.png: a small model trained with and without
+#                         LayerSkip, its early exits' eval loss, self-speculative vs ordinary
+#                         greedy decoding (tokens/s, acceptance) at every exit layer
 # session.log holds every stage's output; the last lines printed are the stages' summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -112,6 +118,10 @@ for name in "$@"; do
       stage attention_sweep 120 python3 experiments/benchmarks/attention.py --sweep --causal \
         --lengths 8192 --head_dims 64,128 --batch 4 --heads 16 --out "$OUT/attention_sweep.md"
       ;;
+    moe)
+      stage moe 120 python3 experiments/benchmarks/moe.py --devices 1 --batch 8 --length 2048 \
+        --embed 1024 --mlp 2816 --layers 4 --repeats 5 --out "$OUT/moe.md"
+      ;;
     ternary)
       stage ternary 90 python3 experiments/benchmarks/ternary_matmul.py --sweep \
         --shapes 8192x28672 --rows 1,16,64,128,4096 --out "$OUT/ternary.md"
@@ -127,7 +137,11 @@ for name in "$@"; do
       stage generation 150 python3 experiments/benchmarks/bitnet_generation.py \
         --new_tokens 64 --out "$OUT/generation.md"
       ;;
-    *) echo "unknown stage $name (tests attention attention_sweep ternary train generation)"
+    layerskip)
+      stage layerskip 150 python3 experiments/benchmarks/layerskip.py \
+        --workdir /tmp/layerskip_bench --out "$OUT/layerskip"
+      ;;
+    *) echo "unknown stage $name (tests attention attention_sweep ternary train generation moe layerskip)"
        exit 2 ;;
   esac
 done

@@ -7,11 +7,17 @@ losses (`sow_aux_loss`) and metrics (`sow_metric`). A block may hold several lay
 transformer scans groups of `moe.every` layers): `num_blocks` says how many to stack. Under scan
 every collection gets a leading layers axis, so params are stored [layers, ...] (one entry per
 block) with the logical axis "layers".
+
+A `LayerPlan` adds per-layer switches that depend on the layer's index (LayerSkip's layer
+dropout, every layer's output for its early-exit loss); without one the stack is exactly the
+plain stack. Its block is a subclass of the given one, so params keep their paths.
 """
+import dataclasses
 import functools
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from llm_research.kernels.flash_attention import FLASH_RESIDUAL_NAMES
 
@@ -67,6 +73,45 @@ def collect_aux_losses(variables, collection: str = AUX_LOSS) -> dict[str, jax.A
   return totals
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """Per-layer switches of the stack (LayerSkip, Elhoushi et al. 2024); all off by default.
+
+  layer_dropout  p_max: each row skips layer l of L (the layer's output is its input) with
+                 probability `layer_dropout_rate(p_max, l, L)`, drawn per row and layer from
+                 the "dropout" rng stream (so it needs one: training only).
+  layer_outputs  the stack also returns every block's output [blocks, batch, length, embed].
+  """
+
+  layer_dropout: float = 0.0
+  layer_outputs: bool = False
+
+
+def layer_dropout_rate(p_max: float, layer, num_layers: int):
+  """LayerSkip's rate of layer `layer` (0-based): p_max (e^(l ln 2 / (L - 1)) - 1), rising
+  with depth from 0 at the first layer to p_max at the last (deep layers matter least to the
+  early exits that must not need them). Needs L >= 2."""
+  return p_max * (jnp.exp(layer * jnp.log(2.0) / (num_layers - 1)) - 1.0)
+
+
+@functools.cache
+def _planned(block: type, plan: LayerPlan, num_blocks: int) -> type:
+  """`block` called as (x, positions, segment_ids, layer) -> (x, the layer's output or None):
+  scan's calling convention, with the block's index (traced under scan) driving `plan`."""
+  class Planned(block):
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, layer):
+      y = super().__call__(x, positions, segment_ids)
+      if plan.layer_dropout > 0:
+        rate = layer_dropout_rate(plan.layer_dropout, layer, num_blocks)
+        skip = jax.random.bernoulli(self.make_rng("dropout"), rate, (x.shape[0],))
+        y = jnp.where(skip[:, None, None], x, y)
+      return y, (y if plan.layer_outputs else None)
+
+  Planned.__name__ = Planned.__qualname__ = f"Planned{block.__name__}"
+  return Planned
+
+
 @functools.cache
 def _scan_convention(block: type) -> type:
   """`block` in scan's calling convention, (carry, *broadcast) -> (carry, None); a subclass, so
@@ -81,24 +126,55 @@ def _scan_convention(block: type) -> type:
 
 
 def decoder_stack(block: type, config, x, positions, segment_ids, *, decode: bool = False,
-                  cache_len: int = 0, name: str = "layers", num_blocks: int | None = None):
+                  cache_len: int = 0, name: str = "layers", num_blocks: int | None = None,
+                  plan: LayerPlan | None = None):
   """Runs `num_blocks` (default `config.num_layers`) blocks on x [batch, length, embed]; call
   it inside a compact method. Reads `config.scan_layers` and `config.remat_policy`. Scanned
-  params live under `name`, looped ones under `name_0`, `name_1`, ..."""
+  params live under `name`, looped ones under `name_0`, `name_1`, ...
+
+  Returns x; with a `plan`, (x, every block's output [blocks, batch, length, embed] or None)."""
   num_blocks = config.num_layers if num_blocks is None else num_blocks
   policy = remat_policy(config.remat_policy)
+  if plan is not None:
+    return _planned_stack(_planned(block, plan, num_blocks), config, x, positions, segment_ids,
+                          decode=decode, cache_len=cache_len, name=name, num_blocks=num_blocks,
+                          policy=policy)
   if config.scan_layers:
     layer = _scan_convention(block)
     if policy is not None:
       layer = nn.remat(layer, policy=policy, prevent_cse=False)
-    stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0, AUX_LOSS: 0, METRICS: 0},
-                    split_rngs={"params": True, "dropout": True},  # a key per layer
-                    in_axes=(nn.broadcast, nn.broadcast),
-                    length=num_blocks, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = stack(config, decode, cache_len, name=name)(x, positions, segment_ids)
+    x, _ = _scan(layer, num_blocks, (nn.broadcast, nn.broadcast))(
+        config, decode, cache_len, name=name)(x, positions, segment_ids)
     return x
   if policy is not None:
     block = nn.remat(block, policy=policy)
   for i in range(num_blocks):
     x = block(config, decode, cache_len, name=f"{name}_{i}")(x, positions, segment_ids)
   return x
+
+
+def _scan(layer: type, num_blocks: int, in_axes: tuple):
+  """`layer` (in scan's calling convention) scanned over `num_blocks` blocks."""
+  return nn.scan(layer, variable_axes={"params": 0, "cache": 0, AUX_LOSS: 0, METRICS: 0},
+                 split_rngs={"params": True, "dropout": True},  # a key per layer
+                 in_axes=in_axes, length=num_blocks,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def _planned_stack(planned: type, config, x, positions, segment_ids, *, decode, cache_len,
+                   name, num_blocks, policy):
+  """`decoder_stack` of a `_planned` block: (x, the blocks' outputs stacked or None)."""
+  if config.scan_layers:
+    if policy is not None:
+      planned = nn.remat(planned, policy=policy, prevent_cse=False)
+    return _scan(planned, num_blocks, (nn.broadcast, nn.broadcast, 0))(
+        config, decode, cache_len, name=name)(x, positions, segment_ids,
+                                               jnp.arange(num_blocks))
+  if policy is not None:
+    planned = nn.remat(planned, policy=policy)
+  outputs = []
+  for i in range(num_blocks):
+    x, output = planned(config, decode, cache_len, name=f"{name}_{i}")(
+        x, positions, segment_ids, i)
+    outputs.append(output)
+  return x, (None if outputs[0] is None else jnp.stack(outputs))

@@ -11,8 +11,16 @@ experts are dense, without adapters). For `moe.every > 1` the stack repeats a `L
 `moe.every` layers, the last one MoE, whose params sit under "layers/layer_<j>" (scanned:
 [num_layers / moe.every, ...]); with `moe.every=1`, and for a dense model, the layout is the
 plain one.
+
+LayerSkip's switches (training/layerskip.py, speculative.py), off unless asked for: a
+`LayerPlan` (`make_model(plan=...)`: layer dropout; every layer's early-exit logits, through the
+shared final norm and head, sown as "intermediates"/"exit_logits" [num_layers - 1, batch,
+length, vocab]), a `hidden` input that replaces the embedding (a model of the last layers,
+continuing from another's hidden state), and the hidden state before the final norm, sown as
+"intermediates"/"hidden" [batch, length, embed] (the input of the layer after the last).
 """
 import dataclasses
+from typing import ClassVar
 
 import chex
 import flax.linen as nn
@@ -29,7 +37,7 @@ from llm_research.models.mlp import MLPS
 from llm_research.models.moe import MoEConfig
 from llm_research.models.norms import RMSNorm
 from llm_research.models.layers import RopeScaling, constrain
-from llm_research.models.stack import REMAT_POLICIES, decoder_stack
+from llm_research.models.stack import REMAT_POLICIES, LayerPlan, decoder_stack
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 shape_field = registry.shape_field
@@ -68,6 +76,9 @@ class TransformerConfig:
                  "moe_every": "moe.every", "renormalize_combine": "moe.renormalize_combine",
                  "load_balance_weight": "moe.load_balance_weight",
                  "router_z_loss_weight": "moe.router_z_loss_weight"}
+  # Takes a LayerPlan and a `hidden` input (the module docstring): LayerSkip training, early
+  # exit and self-speculative decoding (llm_research/speculative.py) look for this.
+  early_exit: ClassVar[bool] = True
 
   def __post_init__(self):
     def check(ok, msg):
@@ -151,8 +162,9 @@ class TransformerConfig:
     return Linear(tuple(features), tuple(in_axes), tuple(out_axes), self.compute_dtype,
                   impl=self.linear_impl, lora=self.lora, name=name)
 
-  def make_model(self, *, decode: bool = False, cache_len: int = 0) -> nn.Module:
-    return Transformer(self, decode=decode, cache_len=cache_len)
+  def make_model(self, *, decode: bool = False, cache_len: int = 0,
+                 plan: LayerPlan | None = None) -> nn.Module:
+    return Transformer(self, decode=decode, cache_len=cache_len, plan=plan)
 
   def num_params(self, include_embeddings: bool = True, *, active: bool = False) -> int:
     """Parameters; with `active`, those one token uses (an MoE layer: the router and the
@@ -236,9 +248,12 @@ class Transformer(nn.Module):
   config: TransformerConfig
   decode: bool = False
   cache_len: int = 0
+  plan: LayerPlan | None = None  # LayerSkip's per-layer switches (models/stack.py)
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None):
+  def __call__(self, tokens, positions=None, segment_ids=None, hidden=None):
+    """`hidden` [batch, length, embed], when given, is the first layer's input in place of the
+    tokens' embeddings (the tokens still give the shapes)."""
     cfg = self.config
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -251,17 +266,29 @@ class Transformer(nn.Module):
         "embedding",
         nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
         (cfg.vocab_size, cfg.embed_dim), jnp.float32)
-    x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
-    x = constrain(x, ("batch", "length", "embed"))
+    x = jnp.take(embedding, tokens, axis=0) if hidden is None else hidden
+    x = constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
     group = cfg.layer_group
-    x = decoder_stack(Block if group == 1 else LayerGroup, cfg, x, positions, segment_ids,
-                      decode=self.decode, cache_len=self.cache_len,
-                      num_blocks=cfg.num_layers // group)
-    x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = jnp.einsum("ble,ve->blv", x, embedding.astype(cfg.compute_dtype)) \
-          * cfg.embed_dim**-0.5
-    else:
-      logits = Linear((cfg.vocab_size,), ("embed",), ("vocab",), cfg.compute_dtype,
-                      name="head")(x)
-    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    stacked = decoder_stack(Block if group == 1 else LayerGroup, cfg, x, positions, segment_ids,
+                            decode=self.decode, cache_len=self.cache_len,
+                            num_blocks=cfg.num_layers // group, plan=self.plan)
+    x, layer_outputs = stacked if self.plan is not None else (stacked, None)
+    self.sow("intermediates", "hidden", x)  # nothing unless "intermediates" is mutable
+    final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")
+    head = (None if cfg.tie_embeddings else
+            Linear((cfg.vocab_size,), ("embed",), ("vocab",), cfg.compute_dtype, name="head"))
+
+    def logits_of(x):  # [batch, length, embed] -> float32 [batch, length, vocab]
+      x = final_norm(x)
+      if head is None:
+        logits = jnp.einsum("ble,ve->blv", x, embedding.astype(cfg.compute_dtype)) \
+            * cfg.embed_dim**-0.5
+      else:
+        logits = head(x)
+      return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    if layer_outputs is not None:  # the early exits of layers < L - 1
+      early = layer_outputs[:-1]  # [num_layers - 1, batch, length, embed]
+      exits = logits_of(early.reshape(-1, *early.shape[2:]))
+      self.sow("intermediates", "exit_logits", exits.reshape(*early.shape[:2], *exits.shape[1:]))
+    return logits_of(x)

@@ -1,5 +1,6 @@
 """Training: the train state, objective and step, optimizer, config checks, the Trainer, the
-loop, and the training methods (`train.method`), registered here: standard, lte and dpo.
+loop, and the training methods (`train.method`), registered here: standard, lte, dpo and
+layerskip.
 
     state.py      TrainState (with the run's key), after-step hooks
     optimizer.py  AdamW, schedules, the trainable-parameter mask
@@ -8,6 +9,7 @@ loop, and the training methods (`train.method`), registered here: standard, lte 
     standard.py   `standard`: the model's params, trained directly
     lte.py        `lte`: LoRA-the-Explorer
     dpo.py        `dpo`: Direct Preference Optimization
+    layerskip.py  `layerskip`: layer dropout and the early-exit loss
     checks.py     config values, the mesh, a workdir's existing run
     trainer.py    Trainer: model, mesh, method, sharded state, compiled steps, evaluation
     loop.py       train_and_evaluate: the resumable loop; the unigram baseline
@@ -15,6 +17,7 @@ loop, and the training methods (`train.method`), registered here: standard, lte 
 from llm_research.training import standard  # registers "standard" (first: the default)
 from llm_research.training import lte  # registers "lte"
 from llm_research.training import dpo  # registers "dpo"
+from llm_research.training import layerskip  # registers "layerskip"
 from llm_research.training.checks import (check_config_values, checked_mesh, data_options,
                                           model_config_from, shape_keys)
 from llm_research.training.loop import (PREEMPTED_EXIT_STATUS, Preempted, train_and_evaluate,
