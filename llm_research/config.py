@@ -29,7 +29,8 @@ def base_config(model: str = registry.DEFAULT_MODEL) -> ml_collections.ConfigDic
 
   # Data (llm_research.data.pipeline documents each field). source="bytes" is bGPT's raw bytes:
   # byte_dataset "cpu_states" | "abc_to_midi" | "midi_to_abc" | "digits_bmp" | "wav_tones" (local
-  # TFDS builders, config byte_config: "tiny" | "full", cpu_states also "1k" | "10k" | "100k")
+  # TFDS builders, config byte_config: "tiny" | "full", cpu_states also "short_300" |
+  # "short_3k" | "short_30k" | "1k" | "10k" | "100k")
   # or "files" (every file under byte_dir is one example); seq_len is then bytes per row.
   # source="preferences" is DPO's pairs: preference_dataset "cpu_states" | "jsonl" (from
   # preference_file).
@@ -52,7 +53,8 @@ def base_config(model: str = registry.DEFAULT_MODEL) -> ml_collections.ConfigDic
       # model configs imply (depth up-scaling, MoE upcycling), with a fresh optimizer.
       init_from="",
       # A registered training method (llm_research/training/method.py): "standard", "lte"
-      # (LoRA-the-Explorer), "dpo"; a method's own keys are in the config section named after it.
+      # (LoRA-the-Explorer), "dpo", "layerskip"; a method's own keys are in the config section
+      # named after it.
       method=training.DEFAULT_METHOD,
 
       log_every=10, eval_every=200, eval_batches=16,

@@ -104,6 +104,34 @@ def test_simulator_stops_at_the_step_cap_the_memory_end_and_unknown_opcodes():
   assert unknown[18:22] == bytes([99, 0, 0, 0])  # the IR holds the unknown instruction
 
 
+def test_the_machine_starts_from_the_initial_states_registers():
+  initial = cpu_states.initial_state(7, [0, 200, 100, *range(3, 10)])
+  assert initial == bytes([0, 7, 0, 0, 0, 0, 0, 200, 100, *range(3, 10)])
+  memory = program(("ADD", 3, 1, 2), ("LDA", 9), ("STA", 0))
+  got = cpu_states.simulate(memory, initial=initial)
+  registers = [0, 200, 100, 44, *range(4, 10)]  # 200 + 100 wraps to 44
+  want = [bytes([1, 7, *memory[:4], *registers]), bytes([2, 9, *memory[4:8], *registers]),
+          bytes([3, 9, *memory[8:12], 9, *registers[1:]]),
+          bytes([4, 9, *HALTED, 9, *registers[1:]])]
+  assert [got[i:i + 16] for i in range(0, len(got), 16)] == want
+  assert cpu_states.simulate(memory) == cpu_states.simulate(memory, initial=bytes(16))
+  with pytest.raises(ValueError, match="initial state of 10 bytes"):
+    cpu_states.simulate(memory, initial=bytes(10))
+
+
+def test_programs_without_jumps_run_every_instruction_once_in_order():
+  rng = np.random.default_rng(0)
+  for _ in range(100):
+    memory = cpu_states.random_program(rng, 8, 32, jumps=False)
+    codes = memory[::4]
+    count = next((i for i, code in enumerate(codes) if code == 0), len(codes))
+    assert not {OP["JMP"], OP["JZ"], OP["JNZ"]} & set(codes[:count])
+    initial = cpu_states.random_initial_state(rng)
+    states = cpu_states.simulate(memory, initial=initial)
+    pcs = list(states[::16])
+    assert pcs == list(range(1, min(count + 1, 8) + 1))  # then the HALT, unless memory ends
+
+
 def test_random_programs_are_deterministic_bounded_and_never_loop():
   def programs(seed, n=200, max_instructions=16, memory_size=64):
     rng = np.random.default_rng(seed)
@@ -130,18 +158,25 @@ def test_evaluator_scores_perfect_and_corrupted_predictions():
   rng = np.random.default_rng(0)
   memories = [cpu_states.random_program(rng, 16, 64) for _ in range(20)]
   truths = [cpu_states.simulate(memory) for memory in memories]
-  assert cpu_states.score_all(memories, truths) == {"byte_accuracy": 1.0, "state_accuracy": 1.0}
+  assert set(cpu_states.score_all(memories, truths).values()) == {1.0}
   memory, truth = memories[0], list(truths[0])
   corrupted = truth.copy()
-  corrupted[-3] = (corrupted[-3] + 1) % 256
+  corrupted[-3] = (corrupted[-3] + 1) % 256  # a register of the last state
+  corrupted[2] = (corrupted[2] + 1) % 256  # the IR of the first
   scores = cpu_states.score(memory, corrupted)
   states = len(truth) // 16
-  assert scores["byte_accuracy"] == pytest.approx(1 - 1 / len(truth))
-  assert scores["state_accuracy"] == pytest.approx(1 - 1 / states)
+  assert scores["byte_accuracy"] == pytest.approx(1 - 2 / len(truth))
+  assert scores["state_accuracy"] == pytest.approx(1 - min(2, states) / states)
+  assert scores["PC_accuracy"] == scores["A_accuracy"] == 1.0
+  assert scores["IR_accuracy"] == scores["registers_accuracy"] == pytest.approx(1 - 1 / states)
+  initial = cpu_states.random_initial_state(rng)  # scored against the run from it
+  from_initial = cpu_states.simulate(memory, initial=initial)
+  assert cpu_states.score_all([memory], [from_initial], initials=[initial])["state_accuracy"] == 1
+  assert cpu_states.score(memory, from_initial)["registers_accuracy"] < 1
   assert cpu_states.score(memory, truth[:16] + [PAD] * 4)["state_accuracy"] == pytest.approx(
       1 / states)
   pooled = cpu_states.score_all(memories[:2], [corrupted, truths[1]])
-  assert 1 - 1 / (len(truth) + len(truths[1])) == pytest.approx(pooled["byte_accuracy"])
+  assert 1 - 2 / (len(truth) + len(truths[1])) == pytest.approx(pooled["byte_accuracy"])
 
 
 def test_row_layout_of_a_conversion_pair_by_hand():
@@ -211,17 +246,21 @@ def batches(data_config, split="validation", **kwargs):
   return list(pipeline.make_eval_iterator(data_config, None, split=split, **kwargs))
 
 
-def test_cpu_states_dataset_holds_programs_and_their_states(data_dir):
+def test_cpu_states_dataset_holds_programs_their_random_initial_state_and_their_states(data_dir):
   c = byte_config("cpu_states", data_dir)
-  memories = {}
+  memories, initials = {}, set()
   for split in ("train", "validation", "test"):
     memories[split] = set()
     for example in records(c, split):
-      (data,) = example["parts"]
-      memory, states = bytes(data[:64]), bytes(data[64:])
-      assert states == cpu_states.simulate(memory) and len(states) % 16 == 0
+      (data,) = example["parts"]  # the prompt (memory, initial state), then the states
+      memory, initial, states = bytes(data[:32]), bytes(data[32:48]), bytes(data[48:])
+      assert initial[0] == 0 and initial[2:6] == bytes(4)  # PC 0, IR 0; A, R0..R9 random
+      assert states == cpu_states.simulate(memory, initial=initial) and len(states) % 16 == 0
+      assert not {OP["JMP"], OP["JZ"], OP["JNZ"]} & set(memory[::4])
       memories[split].add(memory)
+      initials.add(initial)
   assert [len(memories[s]) for s in ("train", "validation", "test")] == [64, 16, 16]
+  assert len(initials) == 96  # random: no two programs start from the same registers
   assert not (memories["train"] & memories["validation"] or memories["train"] & memories["test"]
               or memories["validation"] & memories["test"])
 
@@ -240,7 +279,7 @@ def test_train_iterator_yields_the_contracts_batches_and_resumes(data_dir):
     used = int(batch["segment_ids"][row].sum())
     assert used % 16 == 0 and np.all(batch["segment_ids"][row][:used] == 1)
     np.testing.assert_array_equal(batch["inputs"][row][used - 16:], PAD)  # end patch, padding
-    assert np.all(batch["inputs"][row][:64] < 256)  # the memory block, all bytes
+    assert np.all(batch["inputs"][row][:48] < 256)  # the memory block and initial state
   for _ in range(20):  # past an epoch (64 examples)
     next(iterator)
   state_ = json.loads(json.dumps(iterator.get_state()))

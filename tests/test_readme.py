@@ -84,6 +84,7 @@ def test_readme_commands_run_as_written(tiny_overrides, tmp_path, capsys):
       ("llm_research.pack", "/tmp/b158"), ("llm_research.sample", "/tmp/b158_packed"),
       ("llm_research.main", "/tmp/qs_moe"), ("llm_research.main", "/tmp/qs_deep"),
       ("llm_research.main", "/tmp/sft"), ("llm_research.main", "/tmp/dpo"),
+      ("llm_research.main", "/tmp/layerskip"), ("llm_research.sample", "/tmp/layerskip"),
       ("llm_research.main", "/tmp/bgpt"), ("llm_research.sample", "/tmp/bgpt"),
       ("llm_research.main", "/tmp/bgpt_cpu")]  # the README changed: update the docstring too
   cheap = [f"--config.{o}" for o in [*tiny_overrides, *CHEAP_TRAINING]]

@@ -7,20 +7,31 @@ are uint8 vectors. `BYTE_DATASETS` maps each `data.byte_dataset` to its builder 
 record becomes an example: a list of parts (one file, or a conversion's input and output) and,
 for labelled data, a label.
 
-| builder (configs)                                  | splits                  | record         |
-|----------------------------------------------------|-------------------------|----------------|
-| `cpu_states` (tiny, 1k, 10k, 100k, full)           | train, validation, test | memory, states |
-| `abc_midi` (tiny, full)                            | train, validation       | abc, midi, id  |
-| `digits_bmp` (tiny, full)                          | train, validation       | bytes, label   |
-| `wav_tones` (tiny, full)                           | train, validation       | bytes, label   |
+| builder (configs)                           | splits                  | record                  |
+|---------------------------------------------|-------------------------|-------------------------|
+| `cpu_states` (tiny, short_*, 1k-100k, full) | train, validation, test | memory, initial, states |
+| `abc_midi` (tiny, full)                     | train, validation       | abc, midi, id           |
+| `digits_bmp` (tiny, full)                   | train, validation       | bytes, label            |
+| `wav_tones` (tiny, full)                    | train, validation       | bytes, label            |
 
-- cpu_states (cpu_states.py): random programs and their states. `1k`, `10k`, `100k` are 10^3,
-  10^4, 10^5 train programs of 1 to 16 instructions in a 64-byte memory (an example of at most
-  64 + 16 * 16 = 320 bytes); they are nested (`1k` holds the first 1000 programs `10k` draws)
-  and share one validation (200) and test (1000) set, with no program in two splits. `full` is
-  the paper's setting: 1 KB memory, 1 to 256 instructions, 10^4 programs (examples up to
-  1024 + 256 * 16 bytes). `tiny`: 64 / 16 / 16 programs of at most 8 instructions, for tests.
-  Builds in under a second (tiny, 1k), 2 s (10k), 13 s (100k), 10 s (full) on one core.
+- cpu_states (cpu_states.py): random programs, their initial states and their states; an
+  example is the memory block, the initial state (the prompt), then the states. Configs of one
+  family share one validation and test set, with no program (memory block) in two splits, and
+  are nested (a smaller one holds the first programs a larger one draws).
+  `short_300`, `short_3k`, `short_30k`: random registers given in the prompt and
+  straight-line programs, at a size a small model can learn: 300, 3000, 30000 train programs
+  of 1 to 8 instructions in a 32-byte memory, no jumps, A and R0..R9 starting random (given in
+  the initial state); 200 validation, 500 test programs; an example of at most
+  32 + 16 + 8 * 16 = 176 bytes (a program of 8 instructions runs off the memory's end: no HALT
+  state). `tiny`: the same programs, 64 / 16 / 16 of them, for tests. `full` is the paper's
+  size: 1 KB memory, 1 to 256 instructions, no jumps, random registers, 10^4 programs
+  (examples up to 1024 + 16 + 256 * 16 bytes).
+  `1k`, `10k`, `100k` (the first experiment's) are 10^3, 10^4, 10^5 train programs of 1 to 16
+  instructions in a 64-byte memory, forward jumps, registers starting at 0 (an example of at
+  most 64 + 16 + 16 * 16 = 336 bytes); 200 validation, 1000 test programs.
+  Builds in under a second (tiny, short_300, short_3k, 1k), 2-3 s (10k, short_30k), 13 s
+  (100k) on one core; `full` (its programs run every instruction: no jumps) took 76 s on a
+  2-core machine under a load of 9.
 - abc_midi (abc_midi.py): tunes of music21's corpus in a fixed pseudo-random order (by a hash of
   their id), split about 5% validation by that hash; tunes music21 cannot convert (about 8%) are
   skipped (189 of 2189 in `full`), and the build says how many. `full`: 2000 train and 100
@@ -70,35 +81,52 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
 
 @dataclasses.dataclass
 class CpuStatesConfig(tfds.core.BuilderConfig):
-  """Sizes of a cpu_states build; other sizes: `CpuStates(config=CpuStatesConfig(name=...,
-  ...), data_dir=...)`."""
+  """Sizes and conventions of a cpu_states build; others: `CpuStates(config=CpuStatesConfig(
+  name=..., ...), data_dir=...)`. `random_registers`: A and R0..R9 start random (else 0);
+  `jumps`: programs may hold forward jumps."""
 
   train_programs: int = 0
   validation_programs: int = 200
   test_programs: int = 1000
   max_instructions: int = 16
   memory_size: int = 64
+  random_registers: bool = False
+  jumps: bool = True
   seed: int = SEED
+
+
+# The short programs' conventions (`tiny`, `short_*`): the paper's, in a memory a small model
+# learns.
+SHORT_PROGRAMS = dict(max_instructions=8, memory_size=32, random_registers=True, jumps=False,
+                      test_programs=500)
 
 
 class CpuStates(_LocalBuilder):
   """Random programs of bGPT's simplified CPU and the states of running them."""
 
   name = "cpu_states"
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "The initial state; random registers, no jumps, the short configs."}
   BUILDER_CONFIGS = [
-      CpuStatesConfig(name="tiny", train_programs=64, validation_programs=16, test_programs=16,
-                      max_instructions=8),
+      CpuStatesConfig(name="tiny", **dict(SHORT_PROGRAMS, test_programs=16), train_programs=64,
+                      validation_programs=16),
+      *(CpuStatesConfig(name=f"short_{name}", train_programs=size, **SHORT_PROGRAMS)
+        for name, size in (("300", 300), ("3k", 3000), ("30k", 30000))),
       CpuStatesConfig(name="1k", train_programs=10**3),
       CpuStatesConfig(name="10k", train_programs=10**4),
       CpuStatesConfig(name="100k", train_programs=10**5),
-      CpuStatesConfig(name="full", train_programs=10**4, max_instructions=256, memory_size=1024),
+      CpuStatesConfig(name="full", train_programs=10**4, max_instructions=256, memory_size=1024,
+                      random_registers=True, jumps=False),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({"memory": _byte_feature(),
+                                             "initial": _byte_feature(),
                                              "states": _byte_feature()}),
-        description="Programs (memory blocks) of bGPT's simplified CPU and their states.")
+        description="Programs (memory blocks) of bGPT's simplified CPU, the initial state they "
+                    "run from and their states.")
 
   def _splits(self):
     config = self.builder_config
@@ -110,14 +138,17 @@ class CpuStates(_LocalBuilder):
       rng = np.random.default_rng([config.seed, index])
       programs = []
       while len(programs) < size:
-        memory = cpu_states.random_program(rng, config.max_instructions, config.memory_size)
+        memory = cpu_states.random_program(rng, config.max_instructions, config.memory_size,
+                                           config.jumps)
+        initial = (cpu_states.random_initial_state(rng) if config.random_registers
+                   else cpu_states.initial_state())
         if memory not in taken:
           taken.add(memory)
-          programs.append(memory)
+          programs.append((memory, initial))
       splits[split] = programs
-    return {split: ((i, {"memory": _byte_vector(memory),
-                         "states": _byte_vector(cpu_states.simulate(memory))})
-                    for i, memory in enumerate(programs))
+    return {split: ((i, {"memory": _byte_vector(memory), "initial": _byte_vector(initial),
+                         "states": _byte_vector(cpu_states.simulate(memory, initial=initial))})
+                    for i, (memory, initial) in enumerate(programs))
             for split, programs in splits.items()}
 
 
@@ -236,7 +267,7 @@ class ByteDataset(NamedTuple):
 
 BYTE_DATASETS = {
     "cpu_states": ByteDataset(
-        CpuStates, lambda r: ([np.concatenate([r["memory"], r["states"]])], None)),
+        CpuStates, lambda r: ([np.concatenate([r["memory"], r["initial"], r["states"]])], None)),
     "abc_to_midi": ByteDataset(AbcMidi, lambda r: ([r["abc"], r["midi"]], None)),
     "midi_to_abc": ByteDataset(AbcMidi, lambda r: ([r["midi"], r["abc"]], None)),
     "digits_bmp": ByteDataset(DigitsBmp, lambda r: ([r["bytes"]], int(r["label"])), 10),

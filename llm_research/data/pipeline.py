@@ -25,7 +25,8 @@ The data config (`config.data`, an ml_collections ConfigDict):
                  first use) | 'files' (every non-hidden file under byte_dir is one example;
                  train/validation split by a hash of the path, as text_dir).
   byte_config    the builder config of byte_dataset: 'tiny' or 'full'; cpu_states also has
-                 '1k', '10k', '100k' (byte_datasets.py says what each holds).
+                 'short_300', 'short_3k', 'short_30k', '1k', '10k', '100k' (byte_datasets.py
+                 says what each holds).
   byte_dir       the folder of source='bytes', byte_dataset='files'.
   preference_dataset  source='preferences': 'cpu_states' (pairs built here from the CPU
                  simulator, generated on the fly) | 'jsonl' (preference_file).

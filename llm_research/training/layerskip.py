@@ -30,6 +30,11 @@ and export use the plain model (no layer dropout): the params are the model's.
 
 Models: a config with `early_exit` (the transformer), of at least two layers, without MoE layer
 groups (moe.every > 1: a scanned block holds several layers).
+
+Memory: with the early-exit loss every layer's logits are computed, the curriculum's disabled
+layers too (weight 0): [num_layers - 1, batch, length, vocab] float32 per micro-batch beside the
+model's own; `train.grad_accum` bounds it. Not yet done: the paper's time curriculum of the
+layer dropout rate (here constant over training), and computing only the enabled exits.
 """
 import functools
 
