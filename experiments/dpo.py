@@ -82,14 +82,15 @@ def train(config, workdir: str) -> float:
   return seconds
 
 
-def evaluated(workdir: str, prompts: int) -> dict:
-  """`held_out` of the run's newest checkpoint, kept in the workdir (keyed by its step) so that
-  a re-run reads each evaluation point back rather than evaluating the newest params again."""
-  step = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
-             if name.isdigit())
-  path = os.path.join(workdir, f"held_out_step{step}_{prompts}prompts.npz")
+def evaluated(workdir: str, prompts: int, steps: int) -> dict:
+  """`held_out` of the run's checkpoint at `steps` (its newest, just trained), kept in the
+  workdir so that a re-run reads each evaluation point back (the run itself keeps only its
+  newest checkpoint)."""
+  path = os.path.join(workdir, f"held_out_step{steps}_{prompts}prompts.npz")
   if not os.path.isfile(path):
-    np.savez(path, **held_out(workdir, prompts))
+    result = held_out(workdir, prompts)
+    assert result["step"] == steps, (workdir, result["step"], steps)
+    np.savez(path, **result)
   return {k: v.item() if v.ndim == 0 else v for k, v in np.load(path).items()}
 
 
@@ -127,6 +128,13 @@ def change(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
   return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
+def direction(mean: float, standard_error: float) -> str:
+  """A change in words: beyond twice its standard error either way, or not."""
+  if abs(mean) <= 2 * standard_error:
+    return "no clear change"
+  return "a rise" if mean > 0 else "a fall"
+
+
 def dpo_arms(results: dict) -> list[str]:
   """The DPO arms' labels (one per DPO learning rate), as the results hold them."""
   return [arm for arm in next(iter(results.values())) if arm.startswith("dpo")]
@@ -150,11 +158,11 @@ def reading(results: dict) -> list[str]:
       lines.append(
           f"{arm}, seed {seed}: after {dpo_end['step']} steps the held-out margin moved by "
           f"{margin:+.2f} nats (standard error {margin_se:.2f}: "
-          f"{'a rise' if margin_up else 'no clear rise'}), log pi(chosen) by {chosen:+.2f} "
+          f"{direction(margin, margin_se)}), log pi(chosen) by {chosen:+.2f} "
           f"({chosen_se:.2f}) nats, and the generated next states' accuracy by "
-          f"{100 * state:+.1f} points ({100 * state_se:.1f}: "
-          f"{'a rise' if state_up else 'no clear rise'}); against the SFT control at equal "
-          f"steps, {100 * vs_state:+.1f} ({100 * vs_state_se:.1f}) points.")
+          f"{100 * state:+.1f} points ({100 * state_se:.1f}: {direction(state, state_se)}); "
+          f"against the SFT control at equal steps, {100 * vs_state:+.1f} "
+          f"({100 * vs_state_se:.1f}) points.")
     if all(verdicts):
       reproduced_at.append(arm)
     lines.append("")
@@ -253,7 +261,7 @@ def main():
     root = os.path.join(args.workdir, f"seed{seed}")
     sft = os.path.join(root, "sft_start")
     seconds += train(run_config(args, "standard", args.sft_steps, seed, args.learning_rate), sft)
-    start = evaluated(sft, args.prompts)
+    start = evaluated(sft, args.prompts, args.sft_steps)
     results[seed] = {}
     arms = [(f"dpo lr {lr:g}", "dpo", lr, f"dpo_lr{lr:g}")
             for lr in map(float, args.dpo_learning_rates.split(","))]
@@ -264,7 +272,7 @@ def main():
         steps = args.steps * k // args.evals
         seconds += train(run_config(args, method, steps, seed, learning_rate, init_from=sft),
                          os.path.join(root, name))
-        points.append(evaluated(os.path.join(root, name), args.prompts))
+        points.append(evaluated(os.path.join(root, name), args.prompts, steps))
       results[seed][arm] = points
   write_results(results, args, seconds)
 
