@@ -176,7 +176,7 @@ def reading(results: dict) -> list[str]:
   why = []
   if collapsed_at:
     arms_named = ", ".join(sorted(set(collapsed_at)))
-    why = ["", f"Where the margin rose while log pi(chosen) fell ({arms_named}), "
+    why = [f"Where the margin rose while log pi(chosen) fell ({arms_named}), "
            "DPO widened the gap by lowering both responses' likelihood, the rejected one faster: "
            "the failure Pal et al. (2024, DPO-Positive) describe for pairs a few tokens apart, "
            "as these are (a rejected state differs from the chosen one only in the values the "
