@@ -24,7 +24,8 @@ and every arm is at the same point of its schedule at the same fraction of the b
 training reads the corpus in another order (`data.shuffle_seed=1`) than pre-training did. Each
 run evaluates `evals` times at equal fractions of its budget.
 
-Writes `<out>.md` (validation loss against extra compute for the three arms) and `<out>.png`.
+Writes `<out>.md` (validation loss against extra compute for the three arms), `<out>.png`, and
+`<out>_expert_load.png` (the MoE arms' load per expert against step).
 Re-running on the same workdir resumes unfinished runs and reads finished ones back.
 """
 import argparse
@@ -172,6 +173,31 @@ def plot(path: str, columns: dict[str, list[tuple[float, float]]], reference: fl
   fig.savefig(path, dpi=120)
 
 
+def plot_expert_load(path: str, workdirs: dict[str, str], num_experts: int) -> None:
+  """Per-expert load (the fraction of token copies the router sends to each expert, before any
+  drop, averaged over the MoE layers) and its coefficient of variation against step, one panel
+  per MoE arm: whether the routers spread the tokens or collapse onto a few experts."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(workdirs), figsize=(5.5 * len(workdirs), 4), sharey=True)
+  for ax, (name, workdir) in zip(axes, workdirs.items()):
+    records = [r for r in read_metrics(workdir) if "moe_load_cv" in r]
+    steps = [r["step"] for r in records]
+    for expert in range(num_experts):
+      ax.plot(steps, [r[f"moe_load/expert_{expert}"] for r in records], linewidth=1)
+    ax.axhline(1 / num_experts, color="gray", linestyle="--", linewidth=1, label="uniform")
+    cv = ax.twinx()
+    cv.plot(steps, [r["moe_load_cv"] for r in records], "k:", label="CV (right axis)")
+    cv.set_ylabel("coefficient of variation of the loads")
+    ax.set(xlabel="step", ylabel="fraction of token copies", title=f"{name}: load per expert")
+    ax.legend(loc="upper left")
+    cv.legend(loc="upper right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   add_common_flags(parser, "experiments/results/upcycling")
@@ -238,12 +264,19 @@ def main():
       "checkpoint, the upcycled model, a random init.",
       "",
       *curves_table(columns, "extra compute"),
+      "",
+      f"![expert load]({os.path.basename(args.out)}_expert_load.png): each expert's share of "
+      "the token copies over training (averaged over the MoE layers) and the loads' "
+      "coefficient of variation, for the two MoE arms.",
   ]
   write(args.out + ".md", lines)
   plot(args.out + ".png", columns, checkpoint_loss,
        "extra training FLOPs / dense pre-training FLOPs",
        f"dense {dense_model.num_params() / 1e6:.1f}M -> {args.num_experts} experts, "
        f"top-{args.top_k}, in every {ordinal(args.moe_every)} layer")
+  plot_expert_load(args.out + "_expert_load.png",
+                   {name: os.path.join(args.workdir, runs[name][1])
+                    for name in ("upcycled", "MoE from scratch")}, args.num_experts)
 
 
 if __name__ == "__main__":
