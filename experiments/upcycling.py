@@ -38,7 +38,8 @@ from llm_research import data, init_from
 from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.metrics import read_metrics
-from llm_research.training import Trainer, model_config_from, train_and_evaluate
+from llm_research.training import (Trainer, model_config_from, params_from_source,
+                                   train_and_evaluate)
 from report import header, write
 
 # A ~0.8M-parameter dense model: 4 layers of width 128.
@@ -116,8 +117,7 @@ def start_eval_loss(config) -> float:
   model at step 0); else the random init."""
   trainer = Trainer(config, data.get_tokenizer(config.data))
   if config.train.init_from:
-    params = init_from.initial_params(init_from.check(config), trainer.model_config,
-                                      trainer.mesh, trainer.rules, seed=config.train.seed)
+    params = params_from_source(init_from.check(config), trainer, seed=config.train.seed)
   else:
     params = trainer.init_state().params
   return trainer.evaluate(params, config.train.eval_batches)["eval_loss"]

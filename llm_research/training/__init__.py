@@ -20,8 +20,8 @@ from llm_research.training import dpo  # registers "dpo"
 from llm_research.training import layerskip  # registers "layerskip"
 from llm_research.training.checks import (check_config_values, checked_mesh, data_options,
                                           model_config_from, shape_keys)
-from llm_research.training.loop import (PREEMPTED_EXIT_STATUS, Preempted, train_and_evaluate,
-                                        unigram_baseline)
+from llm_research.training.loop import (PREEMPTED_EXIT_STATUS, Preempted, params_from_source,
+                                        train_and_evaluate, unigram_baseline)
 from llm_research.training.method import METHODS, TrainingMethod, method_class, register
 from llm_research.training.objective import (MEAN, batch_losses, model_objective, token_losses,
                                              train_step)
@@ -35,6 +35,7 @@ from llm_research.training.trainer import Trainer
 __all__ = ["AfterStepHook", "apply_hooks", "batch_losses", "check_config_values", "checked_mesh",
            "data_options", "learning_rate_schedule", "lte", "make_optimizer", "MEAN",
            "method_class", "METHODS", "model_config_from", "model_objective", "param_path",
+           "params_from_source",
            "Preempted", "PREEMPTED_EXIT_STATUS", "register", "shape_keys", "Standard", "standard",
            "step_key", "token_losses", "train_and_evaluate", "train_step", "trainable_mask",
            "Trainer", "TrainingMethod", "TrainState", "unigram_baseline"]

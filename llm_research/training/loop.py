@@ -55,6 +55,16 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def params_from_source(source, trainer, *, seed: int):
+  """The params a run of `trainer` starts from when `train.init_from` names `source` (what
+  `init_from.check` returned): the source run's newest model params (those its training method
+  hands to evaluation) through the surgery to the trainer's model, sharded on its mesh."""
+  source_method = method_class(source.config.train.get("method", DEFAULT_METHOD))(
+      source.config, source.model_config)
+  return init_from.initial_params(source, source_method, trainer.model_config, trainer.mesh,
+                                  trainer.rules, seed=seed)
+
+
 def train_and_evaluate(config, workdir: str, hooks: tuple[AfterStepHook, ...] = ()) -> dict:
   """Trains per `config` in `workdir`, resuming from its newest good checkpoint.
 
@@ -82,10 +92,7 @@ def train_and_evaluate(config, workdir: str, hooks: tuple[AfterStepHook, ...] = 
   trainer = Trainer(config, tokenizer, hooks, mesh=mesh)
   initial_params = None
   if source is not None:
-    source_method = method_class(source.config.train.get("method", DEFAULT_METHOD))(
-        source.config, source.model_config)
-    initial_params = init_from.initial_params(source, source_method, trainer.model_config,
-                                              trainer.mesh, trainer.rules, seed=tc.seed)
+    initial_params = params_from_source(source, trainer, seed=tc.seed)
   train_iter = data.make_train_iterator(
       config.data, tokenizer, global_batch_size=tc.batch_size, seed=config.data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
