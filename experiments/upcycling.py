@@ -30,7 +30,6 @@ Re-running on the same workdir resumes unfinished runs and reads finished ones b
 """
 import argparse
 import os
-import time
 
 import jax
 
@@ -205,7 +204,6 @@ def main():
   parser.add_argument("--top_k", type=int, default=2)
   parser.add_argument("--moe_every", type=int, default=2)
   args = parser.parse_args()
-  start = time.perf_counter()
   dense = dense_config(args)
   dense_dir = os.path.join(args.workdir, "dense")
   pretrain = train(dense, dense_dir)
@@ -226,7 +224,11 @@ def main():
   for name, (config, subdir) in runs.items():
     records = train(config, os.path.join(args.workdir, subdir))
     columns[name] = curve(start_eval_loss(config), records, flops_per_step(config) / unit)
-  seconds = time.perf_counter() - start
+  # The training steps' time, summed over the runs (a re-run that reads finished runs back
+  # reports the time they took, not its own).
+  seconds = seconds_per_step(dense_dir) * args.pretrain_steps + sum(
+      seconds_per_step(os.path.join(args.workdir, subdir)) * config.train.steps
+      for config, subdir in runs.values())
 
   moe_model = model_config_from(runs["upcycled"][0], ByteTokenizer.vocab_size)
   dense_model = model_config_from(dense, ByteTokenizer.vocab_size)
@@ -236,7 +238,8 @@ def main():
              f"{args.extra} --evals {args.evals} --num_experts {args.num_experts} --top_k "
              f"{args.top_k} --moe_every {args.moe_every} --learning_rate {args.learning_rate} "
              f"--corpus {args.corpus}")
-  lines = header("Sparse upcycling: validation loss against extra compute", command, seconds)
+  lines = header("Sparse upcycling: validation loss against extra compute", command, seconds,
+                 took=" of train steps (summed over the runs; compilation, evaluation excluded)")
   lines += [
       f"Data: stdlib `{args.corpus}` corpus, byte tokenizer, seq_len {SEQ_LEN}, batch "
       f"{BATCH_SIZE}; validation loss over {EVAL_BATCHES} batches of the validation split.  ",
