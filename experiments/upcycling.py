@@ -172,6 +172,21 @@ def plot(path: str, columns: dict[str, list[tuple[float, float]]], reference: fl
   fig.savefig(path, dpi=120)
 
 
+def reading(columns: dict[str, list[tuple[float, float]]]) -> str:
+  """What the final validation losses say about the paper's claim (one seed: no spread)."""
+  dense, upcycled, scratch = (columns[name][-1][1]
+                              for name in ("dense continued", "upcycled", "MoE from scratch"))
+  gap = upcycled - dense
+  verdict = ("not reproduced" if gap >= 0 else
+             "in the claimed direction, but one seed cannot show it beyond seed noise")
+  return (f"**Reading: {verdict}.** The claim: at equal extra compute the upcycled model ends "
+          f"below the dense model trained on, and far below the same MoE from scratch. Here "
+          f"upcycled - dense continued = {gap:+.3f} nats/byte and MoE from scratch - upcycled = "
+          f"{scratch - upcycled:+.3f}, from one seed and a dense model 300 steps from random "
+          "(not near convergence): a test at this design cannot separate the arms from seed "
+          "noise.")
+
+
 def plot_expert_load(path: str, workdirs: dict[str, str], num_experts: int) -> None:
   """Per-expert load (the fraction of token copies the router sends to each expert, before any
   drop, averaged over the MoE layers) and its coefficient of variation against step, one panel
@@ -267,6 +282,8 @@ def main():
       "checkpoint, the upcycled model, a random init.",
       "",
       *curves_table(columns, "extra compute"),
+      "",
+      "", reading(columns),
       "",
       f"![expert load]({os.path.basename(args.out)}_expert_load.png): each expert's share of "
       "the token copies over training (averaged over the MoE layers) and the loads' "
