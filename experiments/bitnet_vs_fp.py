@@ -41,11 +41,8 @@ and largest (five rates: the smallest models at 200 steps want rates up to 3e-2)
 at the smallest and largest.
 """
 import argparse
-import datetime
-import json
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +50,9 @@ import numpy as np
 
 from llm_research.config import base_config
 from llm_research.data.tokenizers import ByteTokenizer
-from llm_research.metrics import read_metrics
-from llm_research.training import model_config_from, train_and_evaluate
+from llm_research.training import model_config_from
 from report import header, write
+from runs import Runner, deadline_timestamp, describe, final_loss, mean_sd, tail_drop
 
 # Named by width; the head and MLP dims follow it (MLP ~2.75x, grouped-query attention).
 SIZES = {
@@ -125,71 +122,16 @@ def run_dir(args, size: str, arm: str, learning_rate: float, seed: int) -> str:
   return os.path.join(args.workdir, size, name)
 
 
-def finished_run(workdir: str) -> dict | None:
-  """The run's validation curve and wall seconds, if it finished (written once it has)."""
-  path = os.path.join(workdir, "result.json")
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def train(config, workdir: str) -> dict:
-  """Trains the run and keeps its validation curve ([step, loss] pairs) and wall seconds in
-  `workdir/result.json`, the marker of a finished run that a re-run reads back."""
-  start = time.perf_counter()
-  train_and_evaluate(config, workdir)
-  result = dict(curve=[[r["step"], r["eval_loss"]] for r in read_metrics(workdir)
-                       if "eval_loss" in r],
-                seconds=time.perf_counter() - start)
-  with open(os.path.join(workdir, "result.json"), "w") as f:
-    json.dump(result, f)
-  return result
-
-
-class Runner:
-  """Trains runs in order unless finished, and skips those that would end past the deadline,
-  recording them as missing. A run's time is estimated as the slowest finished run of its size,
-  else that of the largest size finished, scaled by params (an overestimate: the fixed costs of
-  a run, compilation and start-up, do not grow with params)."""
-
-  def __init__(self, args, params: dict):
-    self.args, self.params = args, params
-    self.runs, self.missing, self.seconds = {}, [], 0.0
-    self.slowest = {}  # size -> the most seconds a finished run of it took
-
-  def get(self, size: str, arm: str, learning_rate: float, seed: int) -> dict | None:
-    key = (size, arm, learning_rate, seed)
-    if key in self.runs or key in self.missing:
-      return self.runs.get(key)
-    workdir = run_dir(self.args, *key)
-    result = finished_run(workdir)
-    if result is None and self.would_overrun(size):
-      self.missing.append(key)
-      return None
-    if result is None:
-      result = train(run_config(self.args, *key), workdir)
-      print(f"{size} {arm} lr {learning_rate:g} seed {seed}: val loss {final_loss(result):.4f} "
-            f"in {result['seconds']:.0f} s", flush=True)
-    self.seconds += result["seconds"]
-    self.slowest[size] = max(self.slowest.get(size, 0.0), result["seconds"])
-    self.runs[key] = result
-    return result
-
-  def would_overrun(self, size: str) -> bool:
-    if self.args.deadline is None or not self.slowest:
-      return False
-    known = size if size in self.slowest else max(self.slowest, key=self.params.get)
-    estimate = self.slowest[known] * max(self.params[size] / self.params[known], 1.0)
-    return time.time() + estimate > self.args.deadline
+def get(args, runner: Runner, params: dict, size: str, arm: str, learning_rate: float,
+        seed: int) -> dict | None:
+  """The run's result (trained now, read back, or None past the deadline); its cost for the
+  deadline's estimate is its params."""
+  key = (size, arm, learning_rate, seed)
+  return runner.get(key, lambda: run_config(args, *key), run_dir(args, *key), cost=params[size])
 
 
 def bytes_per_run(args) -> int:
   return args.steps * args.batch_size * SEQ_LEN
-
-
-def final_loss(result: dict) -> float:
-  return result["curve"][-1][1]
 
 
 def chosen_rates(args, runner: Runner, params: dict) -> dict:
@@ -199,7 +141,8 @@ def chosen_rates(args, runner: Runner, params: dict) -> dict:
   best = {}
   for size in sweep_sizes:
     for arm in ARMS:
-      losses = {lr: runner.get(size, arm, lr, args.seeds[0]) for lr in args.learning_rates}
+      losses = {lr: get(args, runner, params, size, arm, lr, args.seeds[0])
+                for lr in args.learning_rates}
       losses = {lr: final_loss(r) for lr, r in losses.items() if r is not None}
       if losses:
         best[size, arm] = min(losses, key=losses.get)
@@ -211,11 +154,6 @@ def chosen_rates(args, runner: Runner, params: dict) -> dict:
         nearest = min(swept, key=lambda s: abs(math.log(params[s] / params[size])))
         rates[size, arm] = best[nearest, arm]
   return rates
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (nan for one value)."""
-  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
 def summarise(args, runner: Runner, rates: dict, counts: dict) -> list[dict]:
@@ -240,15 +178,6 @@ def summarise(args, runner: Runner, rates: dict, counts: dict) -> list[dict]:
                    if seed in bitnet and seed in float_]
     rows.append(row)
   return rows
-
-
-def tail_drop(curves: list) -> float:
-  """The validation loss's mean drop over the last TAIL of the steps (positive: still falling)."""
-  drops = []
-  for curve in curves:
-    steps, losses = np.array(curve).T
-    drops.append(np.interp(steps[-1] * (1 - TAIL), steps, losses) - losses[-1])
-  return float(np.mean(drops))
 
 
 def gap_change(small: dict, large: dict, name: str) -> tuple[float, float]:
@@ -306,7 +235,7 @@ def reading(args, rows: list[dict]) -> list[str]:
         + f"; of the same-schedule gap's change from {small['size']} to {large['size']} "
         f"({-shrink:+.3f}), {schedule_cost[0] - schedule_cost[-1]:+.3f} is that cost's change "
         "with size.")
-  drops = [tail_drop(r["curves"][arm]) for r in measured for arm in r["curves"]]
+  drops = [tail_drop(r["curves"][arm], TAIL) for r in measured for arm in r["curves"]]
   if max(drops) > NEAR_CONVERGED:
     lines.append(
         f"The runs were not converged: over the last {100 * TAIL:.0f}% of the {args.steps} steps "
@@ -329,11 +258,6 @@ def reading(args, rows: list[dict]) -> list[str]:
           "It reproduces here only if the gap b1.58 - float (same two-stage schedule, paired "
           "per seed) shrinks from the smallest to the largest size by more than twice its "
           "standard error over seeds.", "", *(f"- {line}" for line in lines)]
-
-
-def describe(value: tuple[float, float], digits: int = 3) -> str:
-  mean, sd = value
-  return f"{mean:.{digits}f}" + ("" if math.isnan(sd) else f" +- {sd:.{digits}f}")
 
 
 def write_results(args, runner: Runner, rows: list[dict], command: str) -> None:
@@ -370,7 +294,7 @@ def write_results(args, runner: Runner, rows: list[dict], command: str) -> None:
             "| size | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS)]
   for r in rows:
     lines.append(f"| {r['size']} | " + " | ".join(
-        f"lr {r['lr'][arm]:g}, drop {tail_drop(r['curves'][arm]):.3f}" if r["curves"].get(arm)
+        f"lr {r['lr'][arm]:g}, drop {tail_drop(r['curves'][arm], TAIL):.3f}" if r["curves"].get(arm)
         else "-" for arm in ARMS) + " |")
   sweep = [(size, arm) for size in args.sweep_sizes.split(",") for arm in ARMS]
   lines += ["", f"Sweep (seed {args.seeds[0]}, final validation loss):", "",
@@ -427,13 +351,6 @@ def write_results(args, runner: Runner, rows: list[dict], command: str) -> None:
   fig.savefig(args.out + ".png", dpi=120)
 
 
-def deadline_timestamp(text: str) -> float:
-  """The Unix time of today's HH:MM UTC."""
-  hours, minutes = map(int, text.split(":"))
-  now = datetime.datetime.now(datetime.timezone.utc)
-  return now.replace(hour=hours, minute=minutes, second=0, microsecond=0).timestamp()
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -460,19 +377,18 @@ def main():
              f"--corpus {args.corpus}" + (f" --deadline {args.deadline}" if args.deadline else ""))
   args.learning_rates = [float(lr) for lr in args.learning_rates.split(",")]
   args.seeds = [int(seed) for seed in args.seeds.split(",")]
-  args.deadline = deadline_timestamp(args.deadline) if args.deadline else None
-  # A rate's seeds compile the same programs: the persistent cache compiles them once.
+    # A rate's seeds compile the same programs: the persistent cache compiles them once.
   jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   counts = {size: param_counts(size) for size in args.sizes.split(",")}
   params = {size: count for size, (count, _) in counts.items()}
-  runner = Runner(args, params)
+  runner = Runner(deadline_timestamp(args.deadline))
   rates = chosen_rates(args, runner, params)
   for seed in args.seeds:  # seed by seed, so that a deadline leaves whole seeds of every size
     for size in args.sizes.split(","):
       for arm in ARMS:
         if (size, arm) in rates:
-          runner.get(size, arm, rates[size, arm], seed)
+          get(args, runner, params, size, arm, rates[size, arm], seed)
   rows = summarise(args, runner, rates, counts)
   write_results(args, runner, rows, command)
 

@@ -1,0 +1,105 @@
+"""What the fair-test experiments share: training runs kept in a workdir and read back by a re-run,
+a deadline past which no run starts, and the statistics over seeds.
+
+A run's `result.json` (written once it has finished) holds its validation curve ([step,
+eval_loss] pairs), its training-loss curve ([step, loss]) and its wall seconds; its existence is
+the mark of a finished run. An unfinished run's workdir resumes from its newest checkpoint.
+"""
+import datetime
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from llm_research.metrics import read_metrics
+from llm_research.training import train_and_evaluate
+
+
+def finished(workdir: str) -> dict | None:
+  """The run's result, if it finished."""
+  path = os.path.join(workdir, "result.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) the run of `config` in `workdir` and keeps its result there."""
+  start = time.perf_counter()
+  train_and_evaluate(config, workdir)
+  records = read_metrics(workdir)
+  result = dict(curve=[[r["step"], r["eval_loss"]] for r in records if "eval_loss" in r],
+                train_curve=[[r["step"], r["loss"]] for r in records if "loss" in r],
+                seconds=time.perf_counter() - start)
+  with open(os.path.join(workdir, "result.json"), "w") as f:
+    json.dump(result, f)
+  return result
+
+
+def final_loss(result: dict) -> float:
+  return result["curve"][-1][1]
+
+
+class Runner:
+  """Trains runs unless finished, and does not start one that would end past `deadline` (a Unix
+  time, or None), recording it as missing. A run's seconds are estimated from its `cost` (any
+  unit that grows with its compute, e.g. params x steps) at the highest seconds per unit cost of
+  the runs finished so far: an overestimate for large runs, whose fixed costs (compilation,
+  start-up) weigh less."""
+
+  def __init__(self, deadline: float | None = None):
+    self.deadline = deadline
+    self.runs, self.missing, self.seconds = {}, [], 0.0
+    self._seconds_per_cost = 0.0
+
+  def get(self, key, config, workdir: str, cost: float = 1.0) -> dict | None:
+    """The result of the run `key` (any hashable name) of `config` in `workdir`: read back,
+    trained now, or None if it would end past the deadline. `config` may be a function of no
+    arguments, called only if the run is trained."""
+    if key in self.runs or key in self.missing:
+      return self.runs.get(key)
+    result = finished(workdir)
+    if result is None:
+      if self.deadline is not None and time.time() + self._seconds_per_cost * cost > self.deadline:
+        self.missing.append(key)
+        return None
+      result = train(config() if callable(config) else config, workdir)
+      print(f"{key}: val loss {final_loss(result):.4f} in {result['seconds']:.0f} s", flush=True)
+    self.seconds += result["seconds"]
+    self._seconds_per_cost = max(self._seconds_per_cost, result["seconds"] / cost)
+    self.runs[key] = result
+    return result
+
+
+def mean_sd(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (nan for one value)."""
+  values = list(values)
+  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def describe(value: tuple[float, float], digits: int = 3) -> str:
+  """'mean +- sd' (the mean alone where sd is nan)."""
+  mean, sd = value
+  return f"{mean:.{digits}f}" + ("" if math.isnan(sd) else f" +- {sd:.{digits}f}")
+
+
+def tail_drop(curves: list, tail: float) -> float:
+  """The validation loss's mean drop over the last `tail` fraction of the steps, over curves of
+  [step, loss] pairs (positive: still falling)."""
+  drops = []
+  for curve in curves:
+    steps, losses = np.array(curve).T
+    drops.append(np.interp(steps[-1] * (1 - tail), steps, losses) - losses[-1])
+  return float(np.mean(drops))
+
+
+def deadline_timestamp(text: str | None) -> float | None:
+  """The Unix time of today's HH:MM UTC (None for None)."""
+  if text is None:
+    return None
+  hours, minutes = map(int, text.split(":"))
+  now = datetime.datetime.now(datetime.timezone.utc)
+  return now.replace(hour=hours, minute=minutes, second=0, microsecond=0).timestamp()
