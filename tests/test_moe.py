@@ -189,28 +189,37 @@ def test_expert_choice_takes_exactly_its_capacity_of_its_top_tokens():
   assert int(routing.dropped) == untaken
 
 
-@pytest.mark.parametrize("k, renormalize", [(2, True), (2, False), (1, True)])
-def test_combine_weights_are_the_chosen_probabilities_renormalised_if_asked(k, renormalize):
-  """Renormalised over the chosen k when k > 1; top-1's weight is its probability."""
+@pytest.mark.parametrize("k, renormalize, top1_weight", [
+    (2, True, "probability"), (2, False, "probability"), (1, True, "probability"),
+    (1, True, "straight_through"), (2, True, "straight_through")])
+def test_combine_weights_are_the_chosen_probabilities_renormalised_if_asked(k, renormalize,
+                                                                            top1_weight):
+  """Renormalised over the chosen k when k > 1; top-1's weight is its probability, or 1 with
+  `top1_weight="straight_through"` (which leaves k > 1 alone)."""
   probs = random_probs(2, (2, 7, 5))
-  gates, experts, scores = moe.top_k_gates(probs, k, renormalize)
+  gates, experts, scores = moe.top_k_gates(probs, k, renormalize, top1_weight)
   np.testing.assert_allclose(scores, np.take_along_axis(np.asarray(probs), experts, -1))
   assert np.all(np.asarray(scores)[..., :-1] >= np.asarray(scores)[..., 1:])
   want = scores / scores.sum(-1, keepdims=True) if renormalize and k > 1 else scores
+  if k == 1 and top1_weight == "straight_through":
+    want = jnp.ones_like(scores)
   np.testing.assert_allclose(gates, want, rtol=1e-6)
   # Through the capacity path with room for every copy: each token's weights sum as specified.
-  routing = moe.top_k_capacity_routing(probs, k, 7, renormalize)
+  routing = moe.top_k_capacity_routing(probs, k, 7, renormalize, top1_weight=top1_weight)
   assert int(routing.dropped) == 0
   np.testing.assert_allclose(np.asarray(routing.combine).sum(axis=(2, 3)),
                              np.asarray(want).sum(-1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_the_router_learns_from_the_task_loss_for_every_k(k):
+@pytest.mark.parametrize("k, top1_weight", [
+    (1, "probability"), (1, "straight_through"), (2, "probability"), (3, "probability")])
+def test_the_router_learns_from_the_task_loss_for_every_k(k, top1_weight):
   """The default group (renormalize_combine, dropless), no router loss: the task loss's
   gradient reaches the router, comparable to the experts' (top-1 renormalised would weigh
-  every token's expert by p / p = 1, a constant: a router gradient of rounding noise)."""
-  cfg = tiny_moe(dict(experts_per_token=k, load_balance_weight=0.0, router_z_loss_weight=0.0))
+  every token's expert by p / p = 1, a constant: a router gradient of rounding noise; the
+  straight-through weight is 1 in value but keeps p's gradient)."""
+  cfg = tiny_moe(dict(experts_per_token=k, load_balance_weight=0.0, router_z_loss_weight=0.0,
+                      top1_weight=top1_weight))
   layer = moe.MoE(cfg)
   x = jax.random.normal(jax.random.key(14), (2, 9, 32))
   probe = jax.random.normal(jax.random.key(15), (2, 9, 32))
@@ -361,6 +370,7 @@ def test_parameter_counts_match_the_params():
     (dict(moe=dict(router="switch")), "model.moe.router='switch' is not one of"),
     (dict(moe=dict(capacity_factor=-1.0)), "model.moe.capacity_factor=-1.0 must not be negative"),
     (dict(moe=dict(capacity_order="fifo")), "model.moe.capacity_order='fifo' is not one of"),
+    (dict(moe=dict(top1_weight="one")), "model.moe.top1_weight='one' is not one of"),
     (dict(moe=dict(router="expert_choice")),
      "model.moe.capacity_factor=0.0 cannot hold a token: router='expert_choice' needs"),
     (dict(num_layers=3, moe=dict(every=2)), "model.moe.every=2 must divide num_layers=3"),

@@ -46,14 +46,15 @@ TOKENS = jax.random.randint(jax.random.key(0), (2, 13), 0, VOCAB)
 # ---- upcycling ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scan, moe_every, top_k, capacity_factor", [
-    (True, 2, 2, 0.0), (False, 1, 2, 2.0)], ids=["scanned-every-other-dropless",
-                                                 "looped-every-layer-capacity"])
+    (True, 2, 2, 0.0), (False, 1, 2, 2.0), (True, 2, 1, 0.0), (False, 1, 1, 4.0)],
+    ids=["scanned-every-other-dropless", "looped-every-layer-capacity",
+         "top1-straight-through-dropless", "top1-straight-through-capacity"])
 def test_upcycled_model_computes_the_dense_function_at_step_0(scan, moe_every, top_k,
                                                               capacity_factor):
   dense_config = dense(scan_layers=scan)
   params = random_params(dense_config, seed=2)
   moe = MoEConfig(num_experts=4, experts_per_token=top_k, every=moe_every,
-                  capacity_factor=capacity_factor)
+                  capacity_factor=capacity_factor, top1_weight="straight_through")
   moe_config, moe_params = upcycle(dense_config, params, moe=moe, seed=3)
   assert (moe_config.mlp_impl, moe_config.moe) == ("moe", moe)
   assert moe_config.moe.renormalize_combine
@@ -78,12 +79,16 @@ def test_upcycled_model_computes_the_dense_function_at_step_0(scan, moe_every, t
     assert 0 < np.std(new["mlp"]["router"]["kernel"]) < 0.1  # small, not zero
 
 
-def test_upcycled_model_differs_without_renormalised_combine_weights():
-  """The property above is not free: the top-2 weights unrenormalised sum to less than 1."""
+@pytest.mark.parametrize("moe", [
+    dict(experts_per_token=2, renormalize_combine=False),
+    dict(experts_per_token=1, top1_weight="probability")], ids=["top2-unrenormalised", "top1-p"])
+def test_upcycled_model_differs_without_combine_weights_summing_to_1(moe):
+  """The property above is not free: top-2's weights unrenormalised, or top-1's probability
+  (Switch Transformer's weight), sum to less than 1."""
   dense_config = dense()
   params = random_params(dense_config, seed=2)
-  moe_config, moe_params = upcycle(dense_config, params, moe=MoEConfig(
-      num_experts=4, experts_per_token=2, every=2, renormalize_combine=False))
+  moe_config, moe_params = upcycle(dense_config, params,
+                                   moe=MoEConfig(num_experts=4, every=2, **moe))
   assert not np.allclose(logits_fn(moe_config)(moe_params, TOKENS),
                          logits_fn(dense_config)(params, TOKENS), atol=1e-3)
 

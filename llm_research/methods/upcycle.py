@@ -9,9 +9,11 @@ layer's dense MLP ("gate", "up", "down" kernels, broadcast over a leading expert
 fresh router (the MoE model's small init, from `seed`); every other param is copied. With top-k
 routing for k >= 2, renormalised combine weights and no dropped token (dropless, or capacity
 enough), the experts of a layer are identical and their weights sum to 1, so the upcycled model
-computes the dense model's function at step 0. Top-1 scales its expert by the router's
-probability (Switch Transformer's convention, so that the router learns), about 1 / num_experts
-at step 0: the upcycled model starts from the dense MLP's output scaled by that.
+computes the dense model's function at step 0. So does top-1 with `moe.top1_weight=
+"straight_through"` (weight 1, the router learning through p's gradient); with the default
+"probability" (Switch Transformer's convention) top-1 scales its expert by the router's
+probability, about 1 / num_experts at step 0: the upcycled model starts from the dense MLP's
+output scaled by that.
 
 The optimizer state is not carried over: training continues with a fresh one (as the paper
 does; `--config.train.init_from` starts at step 0). Works on scanned and looped layouts.

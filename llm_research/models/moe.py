@@ -10,9 +10,9 @@ SwiGLU of mlp.py: down(silu(gate(x)) * up(x)).
 Routers (`model.moe.router`), over router probabilities p = softmax(x W_router) [tokens, E]:
   "top_k"          each token goes to its `experts_per_token` (k) most probable experts, weighted
                    by their probabilities, renormalised over the chosen k if
-                   `renormalize_combine` and k > 1 (top-1: weighted by its probability p, as
-                   Switch Transformer; renormalised, p / p = 1 would leave the router without a
-                   gradient from the task loss). Two paths:
+                   `renormalize_combine` and k > 1 (top-1: `top1_weight`, by default its
+                   probability p, as Switch Transformer; renormalised, p / p = 1 would leave the
+                   router without a gradient from the task loss). Two paths:
                    - dropless (`capacity_factor=0`): the token copies sorted by expert and run
                      through grouped matmuls (`jax.lax.ragged_dot`); no token is ever dropped.
                    - capacity (`capacity_factor=c > 0`): each expert takes at most
@@ -84,6 +84,10 @@ MOE_ROUTERS = ("top_k", "expert_choice")
 # "vanilla" routing); or "score": every copy by its own probability, so another token's second
 # choice can take a slot from a first choice.
 CAPACITY_ORDERS = ("choice_then_score", "choice_then_position", "score")
+# A top-1 token's combine weight: "probability" p (Switch Transformer), or "straight_through"
+# p / stop_gradient(p): 1 in the forward pass (an upcycled top-1 model then computes the dense
+# model's function at step 0), while the router's gradient is p's, scaled by 1 / p.
+TOP1_WEIGHTS = ("probability", "straight_through")
 ROUTER_INIT_SCALE = 0.1  # router stddev ROUTER_INIT_SCALE / sqrt(embed): logits ~ 0.1
 
 
@@ -96,7 +100,8 @@ class MoEConfig:
   tokens of a row, served in `capacity_order` (CAPACITY_ORDERS); "expert_choice": each expert
   takes ceil(c * length / E) tokens of a row (c > 0). `renormalize_combine`: a token's top-k
   weights sum to 1 (k >= 2; top-1 is weighted by its probability, as Switch Transformer, since
-  p / p = 1 would give the router no gradient from the task loss). After a capacity drop a
+  p / p = 1 would give the router no gradient from the task loss; `top1_weight`
+  "straight_through" weighs it 1 with p's gradient, TOP1_WEIGHTS). After a capacity drop a
   kept copy keeps its weight (the token's weights then sum to less than before: the residual
   carries the rest), unless `renormalize_kept`, which scales the kept copies' weights up to
   the sum the token's k copies had. The router losses' weights: load balancing (top_k) and
@@ -110,6 +115,7 @@ class MoEConfig:
   every: int = shape_field(1)
   renormalize_combine: bool = True
   renormalize_kept: bool = False
+  top1_weight: str = "probability"
   load_balance_weight: float = 0.01
   router_z_loss_weight: float = 0.001
 
@@ -130,6 +136,7 @@ class MoEConfig:
          "cannot hold a token: router='expert_choice' needs a positive capacity factor")
     need(self.capacity_order in CAPACITY_ORDERS, "capacity_order",
          f"is not one of {list(CAPACITY_ORDERS)}")
+    need(self.top1_weight in TOP1_WEIGHTS, "top1_weight", f"is not one of {list(TOP1_WEIGHTS)}")
     need(self.every >= 1 and num_layers % self.every == 0, "every",
          f"must divide num_layers={num_layers}")
     for field in ("load_balance_weight", "router_z_loss_weight"):
@@ -151,14 +158,19 @@ def top_k_by_row(x: jax.Array, k: int):
   return map_shards(lambda part: tuple(jax.lax.top_k(part, k)), (rows,), (rows, rows))(x)
 
 
-def top_k_gates(probs: jax.Array, k: int, renormalize: bool):
+def top_k_gates(probs: jax.Array, k: int, renormalize: bool, top1_weight: str = "probability"):
   """(combine weights [..., k], experts [..., k] int32, scores [..., k]): the k most probable
   experts per token, their probabilities as scores, renormalised to sum to 1 if asked and
-  k > 1 (top-1 keeps its probability, Switch Transformer's weight: renormalised it would be 1,
-  a constant, and the router would learn nothing from the task loss)."""
+  k > 1. Top-1 is weighted per `top1_weight` (TOP1_WEIGHTS): its probability, Switch
+  Transformer's weight (renormalised it would be 1, a constant, and the router would learn
+  nothing from the task loss), or 1 with the probability's gradient ("straight_through")."""
   scores, experts = top_k_by_row(probs, k)
-  renormalize = renormalize and k > 1
-  gates = scores / jnp.sum(scores, axis=-1, keepdims=True) if renormalize else scores
+  if k == 1 and top1_weight == "straight_through":
+    gates = scores / jax.lax.stop_gradient(scores)
+  elif renormalize and k > 1:
+    gates = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  else:
+    gates = scores
   return gates, experts.astype(jnp.int32), scores
 
 
@@ -189,7 +201,8 @@ def copy_priority(scores: jax.Array, order: str) -> jax.Array:
 
 def top_k_capacity_routing(probs: jax.Array, k: int, capacity: int, renormalize: bool,
                            mask: jax.Array | None = None, *, order: str = "choice_then_score",
-                           renormalize_kept: bool = False) -> Routing:
+                           renormalize_kept: bool = False,
+                           top1_weight: str = "probability") -> Routing:
   """Top-k routing of groups of tokens, probs [groups, S, E], each expert keeping the first
   `capacity` token copies it is offered in the order `order` (copy_priority); tokens where
   `mask` [groups, S] is False (padding) are offered to no expert and not counted as dropped.
@@ -197,7 +210,7 @@ def top_k_capacity_routing(probs: jax.Array, k: int, capacity: int, renormalize:
   are scaled to sum to what all its k copies summed to (a token with none kept stays 0)."""
   groups, size, num_experts = probs.shape
   mask = jnp.ones((groups, size), jnp.bool_) if mask is None else mask
-  gates, experts, scores = top_k_gates(probs, k, renormalize)  # [groups, S, k]
+  gates, experts, scores = top_k_gates(probs, k, renormalize, top1_weight)  # [groups, S, k]
   chosen = jax.nn.one_hot(experts, num_experts, dtype=jnp.bool_)  # [groups, S, k, E]
   chosen &= mask[..., None, None]
   # Higher is served first; -1 marks a copy not routed to the expert.
@@ -370,7 +383,7 @@ class MoE(nn.Module):
       y = dispatch_experts(x, routing, *weights)
       dropped, copies = routing.dropped, 1
     else:
-      gates, experts, _ = top_k_gates(probs, k, moe.renormalize_combine)
+      gates, experts, _ = top_k_gates(probs, k, moe.renormalize_combine, moe.top1_weight)
       gates *= real[..., None]  # padding: no expert's output
       load = real_mean(jnp.sum(jax.nn.one_hot(experts, num_experts), axis=2)) / k
       if moe.load_balance_weight > 0:
@@ -380,7 +393,7 @@ class MoE(nn.Module):
         routing = top_k_capacity_routing(
             probs, k, expert_capacity(length, num_experts, moe.capacity_factor, k),
             moe.renormalize_combine, real, order=moe.capacity_order,
-            renormalize_kept=moe.renormalize_kept)
+            renormalize_kept=moe.renormalize_kept, top1_weight=moe.top1_weight)
         y = dispatch_experts(x, routing, *weights)
         dropped = routing.dropped
       else:
