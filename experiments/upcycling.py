@@ -1,37 +1,58 @@
-"""Sparse upcycling (Komatsuzaki et al. 2023) at small scale: with the same extra training
-compute, a dense checkpoint (a) trained on dense, (b) upcycled into an MoE and trained, (c) the
-same MoE trained from scratch.
+"""Sparse upcycling (Komatsuzaki et al. 2023) as a fair test: from a dense checkpoint that has
+nearly stopped improving, does an upcycled MoE beat the dense model trained on, at equal extra
+compute and equal active FLOPs per token?
 
-    python experiments/upcycling.py --workdir /tmp/upcycling [--pretrain_steps 300]
-        [--extra 1.0] [--evals 12] [--num_experts 8] [--top_k 2] [--moe_every 2]
-        [--corpus full] [--out experiments/results/upcycling]
+    python experiments/upcycling.py --workdir /tmp/upcycling [--gpu] [--extra 0.25]
+        [--seeds 0,1,2] [--deadline HH:MM] [--out experiments/results/upcycling]
 
-A dense LLaMA-style model (byte tokenizer, stdlib corpus) is pre-trained for `pretrain_steps`.
-The extra budget is `extra` times its pre-training FLOPs (`flops_per_token` of the registered
-model config: 6 x the active matmul params + attention). The three arms spend it at the same
-batch size: the dense one in `extra * pretrain_steps` steps; the MoE ones (top-k of
-`num_experts` experts in every `moe_every`-th layer, model.moe.every: k experts active, so
-more FLOPs per token) in proportionally fewer steps, so that every arm's x-axis is the compute
-it actually used (the paper compares at equal extra compute). (a) and (b) start from the
-dense run's newest params through `train.init_from` (the CLI's
-`--config.train.init_from=<dense workdir>`), with a fresh optimizer; (b) with the MoE keys
-set, so init_from upcycles (methods/upcycle.py: experts copied from the dense MLP, fresh
-routers; the same function at step 0). (c) is the MoE config from a random init with the
-pre-training recipe. Pre-training keeps a constant learning rate after its warmup (an
-unannealed checkpoint, as the paper continues from); each extra run warms up and
-decays (cosine) to a tenth of the rate over its own budget, so its last evaluation is annealed
-and every arm is at the same point of its schedule at the same fraction of the budget. The extra
-training reads the corpus in another order (`data.shuffle_seed=1`) than pre-training did. Each
-run evaluates `evals` times at equal fractions of its budget.
+The saturated base (shared with experiments/depth_upscaling.py through the same --workdir): a
+small dense LLaMA-style model (byte tokenizer, stdlib corpus) pre-trained at a constant learning
+rate after its warmup (an unannealed checkpoint, as the paper continues from), in chunks of
+`CHUNK` steps, until its validation loss fell by under `--saturation` nats/byte over the last
+`WINDOW` steps (or `--max_pretrain_steps`): the criterion and the slope it stopped at are in
+the results.
 
-Writes `<out>.md` (validation loss against extra compute for the three arms), `<out>.png`, and
-`<out>_expert_load.png` (the MoE arms' load per expert against step).
-Re-running on the same workdir resumes unfinished runs and reads finished ones back.
+The extra budget is `--extra` times the pre-training's FLOPs (`flops_per_token` of the model
+config: 6 x the active matmul params + attention). Arms, each spending it at the same batch size:
+
+  dense continued     the checkpoint trained on                                  (seeds)
+  upcycled            its MLPs copied into `NUM_EXPERTS` experts in every other  (seeds)
+                      layer, top-1 routed, fresh routers (methods/upcycle.py)
+  MoE from scratch    the same MoE from a random init                            (first seed)
+
+Top-1 activates one expert per token, so the MoE's FLOPs per token equal dense's plus the
+router's (the MoE arms take the steps that match the dense arm's FLOPs). Its combine weight is
+`moe.top1_weight="straight_through"`: 1 in value (the upcycled model computes the dense function
+at step 0, as the paper's top-2 renormalised routing does) and the router's probability's
+gradient (with Switch Transformer's weight p the upcycled model would start with every MLP
+scaled by ~1/8; renormalised, p / p = 1, the router would learn nothing). Dropless, so no token
+is dropped. Each extra run warms up (`CONTINUE_WARMUP` steps when continuing with a fresh
+optimizer, the pre-training's warmup from scratch) and decays (cosine) to `EXTRA_FINAL_LR` of
+the rate over its budget; it reads the corpus in another order than pre-training did
+(data.shuffle_seed = 1 + seed; the seed also draws the routers). Arms of one seed see the same
+batches, so their gap is paired per seed. Every run evaluates `EVALS` times at equal fractions of
+its budget on the same `EVAL_BATCHES` validation batches.
+
+Writes `<out>.md` (table; the reading, from the numbers: "reproduced" only if upcycled - dense
+continued is negative by more than twice its standard error over seeds at the end of the
+budget), `<out>.png` (validation loss against extra compute, seed bands; the paired gap with
+its band) and `<out>_expert_load.png` (the MoE arms' load per expert against step). Finished runs
+are kept in the workdir and read back by a re-run; `--deadline` starts no run that would end
+after it, seed by seed.
+
+Budget: the CPU preset (a 0.2M-param model, rows of 64 bytes, batch 32) takes about 25 minutes
+of 2 idle cores (pre-training about 7 of them; XLA:CPU computes the dropless path's ragged_dot
+as a dense matmul over every expert, so an MoE step costs ~3x a dense one there; on a GPU it
+does not). `--gpu` pre-trains a 6M-param model (rows of 256, batch 64) to saturation and spends
+the same budget fraction: minutes on an H100.
 """
 import argparse
+import json
 import os
+import time
 
 import jax
+import numpy as np
 
 from llm_research import data, init_from
 from llm_research.config import base_config
@@ -40,54 +61,118 @@ from llm_research.metrics import read_metrics
 from llm_research.training import (Trainer, model_config_from, params_from_source,
                                    train_and_evaluate)
 from report import header, write
+from runs import Runner, deadline_timestamp, describe, mean_sd
 
-# A ~0.8M-parameter dense model: 4 layers of width 128.
-DENSE_MODEL = dict(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, head_dim=32,
-                   mlp_dim=352)
-SEQ_LEN, BATCH_SIZE, EVAL_BATCHES = 128, 16, 16
+PRESETS = {
+    "cpu": dict(model=dict(num_layers=4, embed_dim=64, num_heads=4, num_kv_heads=2,
+                           head_dim=16, mlp_dim=176),
+                seq_len=64, batch_size=32, max_pretrain_steps=5000),
+    "gpu": dict(model=dict(num_layers=8, embed_dim=256, num_heads=8, num_kv_heads=4,
+                           head_dim=32, mlp_dim=704),
+                seq_len=256, batch_size=64, max_pretrain_steps=20000),
+}
+LEARNING_RATE = 3e-3
+PRETRAIN_WARMUP = 100
+CHUNK = 500  # pre-training steps between saturation checks
+WINDOW = 1000  # the saturation check's window: the validation loss's drop over these steps
+MIN_PRETRAIN_STEPS = 2 * WINDOW
+EVAL_EVERY = 250  # pre-training's evaluations
+EVAL_BATCHES = 32
+EVALS = 8  # evaluations per extra run
 CONTINUE_WARMUP = 10  # steps: a fresh optimizer's moments settle before the full rate
 EXTRA_FINAL_LR = 0.1  # the extra runs' cosine decay ends at this fraction of the rate
+NUM_EXPERTS = 8
+MOE = dict(mlp_impl="moe", moe=dict(num_experts=NUM_EXPERTS, experts_per_token=1, every=2,
+                                    top1_weight="straight_through"))
 
 
 def add_common_flags(parser: argparse.ArgumentParser, out: str) -> None:
   """The flags this experiment shares with experiments/depth_upscaling.py."""
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--pretrain_steps", type=int, default=300)
-  parser.add_argument("--extra", type=float, default=1.0,
-                      help="extra budget, as a fraction of the dense pre-training")
-  parser.add_argument("--evals", type=int, default=12, help="evaluations per run")
-  parser.add_argument("--learning_rate", type=float, default=3e-3)
+  parser.add_argument("--gpu", action="store_true", help="the lent-GPU preset (PRESETS)")
+  parser.add_argument("--extra", type=float, default=0.25,
+                      help="extra budget, as a fraction of the dense pre-training's FLOPs")
+  parser.add_argument("--saturation", type=float, default=0.02,
+                      help=f"pre-train until the validation loss fell by less over {WINDOW} steps")
+  parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--corpus", default="full", choices=["full", "tiny"])
+  parser.add_argument("--deadline", help="HH:MM UTC: start no run that would end after it")
   parser.add_argument("--out", default=out)
 
 
-def dense_config(args):
-  """The dense pre-training run: constant learning rate after a 10% warmup."""
+def parse(parser: argparse.ArgumentParser):
+  args = parser.parse_args()
+  args.preset = PRESETS["gpu" if args.gpu else "cpu"]
+  args.seeds = [int(seed) for seed in args.seeds.split(",")]
+  # The arms compile the same programs seed after seed: the persistent cache compiles them once.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  return args
+
+
+def common_command(args) -> str:
+  return (("--gpu " if args.gpu else "") + f"--extra {args.extra} --saturation {args.saturation}"
+          f" --seeds {','.join(map(str, args.seeds))} --corpus {args.corpus}"
+          + (f" --deadline {args.deadline}" if args.deadline else ""))
+
+
+def dense_config(args, steps: int):
+  """The dense pre-training run: constant learning rate after its warmup."""
   config = base_config()
-  config.model.update(**DENSE_MODEL)
+  config.model.update(**args.preset["model"])
   config.data.update(source="stdlib", stdlib_config=args.corpus, tokenizer="byte",
-                     seq_len=SEQ_LEN)
-  steps = args.pretrain_steps
-  config.train.update(steps=steps, batch_size=BATCH_SIZE, learning_rate=args.learning_rate,
-                      warmup_steps=max(steps // 10, 1), final_lr_fraction=1.0,
-                      eval_every=steps, eval_batches=EVAL_BATCHES, log_every=steps,
-                      checkpoint_every=steps, keep_checkpoints=1, progress_bar=False)
+                     seq_len=args.preset["seq_len"])
+  config.train.update(steps=steps, batch_size=args.preset["batch_size"],
+                      learning_rate=LEARNING_RATE, warmup_steps=PRETRAIN_WARMUP,
+                      final_lr_fraction=1.0, eval_every=EVAL_EVERY, eval_batches=EVAL_BATCHES,
+                      log_every=EVAL_EVERY, checkpoint_every=CHUNK, keep_checkpoints=1,
+                      progress_bar=False)
   return config
 
 
-def extra_run(base, steps: int, evals: int, *, init_from_workdir: str = "", **model):
-  """`base` with `model` changes, trained for `steps` steps on the extra data with the rate
-  decaying to a tenth, evaluated `evals` times; from `init_from_workdir`'s params (fresh
-  optimizer, short warmup) if given, else from scratch with `base`'s warmup."""
-  config = base.copy_and_resolve_references()
+def window_drop(curve: list) -> float:
+  """The validation loss's drop over the last WINDOW steps of a [step, loss] curve."""
+  steps, losses = np.array(curve).T
+  return float(np.interp(steps[-1] - WINDOW, steps, losses) - losses[-1])
+
+
+def pretrain(args) -> dict:
+  """The saturated base (trained now or read back): its workdir, steps, validation curve, the
+  drop over its last WINDOW steps and the seconds it took. Training resumes chunk by chunk (a
+  constant rate: extending the run changes no step already taken)."""
+  workdir = os.path.join(args.workdir, "dense")
+  marker = os.path.join(workdir, "saturated.json")
+  if os.path.isfile(marker):
+    with open(marker) as f:
+      return json.load(f)
+  start, steps = time.perf_counter(), MIN_PRETRAIN_STEPS
+  while True:
+    train_and_evaluate(dense_config(args, steps), workdir)
+    curve = [[r["step"], r["eval_loss"]] for r in read_metrics(workdir) if "eval_loss" in r]
+    drop = window_drop(curve)
+    print(f"pre-training: step {steps}, val loss {curve[-1][1]:.4f}, drop over the last "
+          f"{WINDOW} steps {drop:.4f}", flush=True)
+    if drop < args.saturation or steps >= args.preset["max_pretrain_steps"]:
+      break
+    steps += CHUNK
+  base = dict(workdir=workdir, steps=steps, curve=curve, drop=drop,
+              saturated=drop < args.saturation, seconds=time.perf_counter() - start)
+  with open(marker, "w") as f:
+    json.dump(base, f)
+  return base
+
+
+def extra_run(base_config_, steps: int, seed: int, *, init_from_workdir: str = "", **model):
+  """`base_config_` with `model` changes, trained `steps` steps on the extra data (order
+  1 + seed) with the rate decaying to EXTRA_FINAL_LR, evaluated EVALS times; from
+  `init_from_workdir`'s params (fresh optimizer, short warmup) if given, else from scratch."""
+  config = base_config_.copy_and_resolve_references()
   config.model.update(**model)
-  config.data.shuffle_seed = 1  # the extra tokens: another order than pre-training's
-  every = max(steps // evals, 1)
-  config.train.update(steps=steps, final_lr_fraction=EXTRA_FINAL_LR, eval_every=every,
-                      log_every=every, checkpoint_every=every * max(evals // 4, 1),
-                      init_from=init_from_workdir)
-  if init_from_workdir:
-    config.train.warmup_steps = CONTINUE_WARMUP
+  config.data.shuffle_seed = 1 + seed
+  every = max(steps // EVALS, 1)
+  config.train.update(steps=steps, seed=seed, final_lr_fraction=EXTRA_FINAL_LR, eval_every=every,
+                      log_every=every, checkpoint_every=every * 2, init_from=init_from_workdir,
+                      warmup_steps=CONTINUE_WARMUP if init_from_workdir else PRETRAIN_WARMUP)
   return config
 
 
@@ -97,115 +182,138 @@ def flops_per_step(config) -> float:
   return model.flops_per_token(config.data.seq_len) * config.train.batch_size * config.data.seq_len
 
 
-def equal_compute_steps(dense_steps: int, dense, other, evals: int) -> int:
+def equal_compute_steps(dense_steps: int, dense, other) -> int:
   """Steps of `other` with the FLOPs of `dense_steps` steps of `dense` (rounded to a multiple of
-  `evals`, so that its evaluations fall at the same fractions of the budget)."""
-  per_eval = dense_steps / evals * flops_per_step(dense) / flops_per_step(other)
-  return evals * max(round(per_eval), 1)
+  EVALS, so that its evaluations fall at the same fractions of the budget)."""
+  per_eval = dense_steps / EVALS * flops_per_step(dense) / flops_per_step(other)
+  return EVALS * max(round(per_eval), 1)
 
 
-def train(config, workdir: str) -> list[dict]:
-  """Trains (or resumes, or reads back) the run in `workdir`: its records with an eval_loss."""
-  train_and_evaluate(config, workdir)
-  return [r for r in read_metrics(workdir) if "eval_loss" in r]
-
-
-def start_eval_loss(config) -> float:
-  """Validation loss of the params a run of `config` starts from, before its first step: with
-  `train.init_from`, the source's params through the surgery (e.g. an upcycled or up-scaled
-  model at step 0); else the random init."""
+def start_loss(config, workdir: str) -> float:
+  """Validation loss of the params a run of `config` starts from, before its first step (with
+  `train.init_from`, the source's params through the surgery; else the random init), kept in
+  `workdir`."""
+  path = os.path.join(workdir, "start_loss.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
   trainer = Trainer(config, data.get_tokenizer(config.data))
   if config.train.init_from:
     params = params_from_source(init_from.check(config), trainer, seed=config.train.seed)
   else:
     params = trainer.init_state().params
-  return trainer.evaluate(params, config.train.eval_batches)["eval_loss"]
+  loss = float(trainer.evaluate(params, config.train.eval_batches)["eval_loss"])
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(loss, f)
+  return loss
 
 
-def curve(start_loss: float, records: list[dict], x_per_step: float) -> list[tuple[float, float]]:
-  """(x, validation loss) of a run: its start (x = 0), then each evaluation (x = step x
-  `x_per_step`)."""
-  return [(0.0, start_loss)] + [(r["step"] * x_per_step, r["eval_loss"]) for r in records]
+class Arms:
+  """The extra runs of one experiment: `add` names an arm (a function seed -> config, and the
+  seeds it runs), `train` runs them seed by seed (so that a deadline leaves whole seeds of every
+  arm), `curves` reads each finished run's validation curve with its start as step 0."""
+
+  def __init__(self, args, runner: Runner):
+    self.args, self.runner, self.arms = args, runner, {}
+
+  def add(self, name: str, subdir: str, make_config, seeds: list[int]) -> None:
+    self.arms[name] = (subdir, make_config, seeds)
+
+  def workdir(self, name: str, seed: int) -> str:
+    return os.path.join(self.args.workdir, f"{self.arms[name][0]}_seed{seed}")
+
+  def train(self) -> None:
+    for seed in self.args.seeds:
+      for name, (_, make_config, seeds) in self.arms.items():
+        if seed in seeds:
+          config = make_config(seed)
+          self.runner.get((name, seed), config, self.workdir(name, seed),
+                          cost=flops_per_step(config) * config.train.steps)
+
+  def curves(self, name: str) -> dict[int, list]:
+    """{seed: [[step, val loss], ...]} of the arm's finished runs, from step 0."""
+    _, make_config, seeds = self.arms[name]
+    found = {}
+    for seed in seeds:
+      result = self.runner.runs.get((name, seed))
+      if result:
+        start = start_loss(make_config(seed), self.workdir(name, seed))
+        found[seed] = [[0, start]] + result["curve"]
+    return found
 
 
-def seconds_per_step(workdir: str) -> float:
-  """Mean train step time of a run (compilation excluded), from its metrics."""
-  times = [r["step_time_s"] for r in read_metrics(workdir) if "step_time_s" in r]
-  return sum(times) / max(len(times), 1)
+def paired_gap(a: dict[int, list], b: dict[int, list]) -> list[float]:
+  """Final loss of a - of b, per seed both finished."""
+  return [a[seed][-1][1] - b[seed][-1][1] for seed in a if seed in b]
 
 
-def ordinal(n: int) -> str:
-  return {1: "", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+def gap_reading(gap: list[float], what: str) -> tuple[bool, str]:
+  """(whether `gap` (a - b per seed) is negative by more than twice its standard error, the
+  sentence that says so)."""
+  mean, sd = mean_sd(gap)
+  if len(gap) < 2:
+    return False, f"{what} = {mean:+.4f} nats/byte from one seed: no spread to judge it by"
+  se = sd / np.sqrt(len(gap))
+  beyond = abs(mean) > 2 * se
+  return mean < 0 and beyond, (
+      f"{what} = {mean:+.4f} +- {sd:.4f} nats/byte over {len(gap)} seeds (standard error "
+      f"{se:.4f}: {'beyond' if beyond else 'within'} twice it)")
 
 
-def curves_table(columns: dict[str, list[tuple[float, float]]], x_name: str) -> list[str]:
-  """A markdown table, one row per evaluation: each arm's x and validation loss."""
-  names = list(columns)
-  lines = ["| eval | " + " | ".join(f"{n}: {x_name} | {n}: val loss" for n in names) + " |",
-           "|---|" + "---|---|" * len(names)]
-  for i in range(max(len(c) for c in columns.values())):
-    cells = [f"{columns[n][i][0]:.3f} | {columns[n][i][1]:.3f}" if i < len(columns[n])
-             else "- | -" for n in names]
-    lines.append(f"| {i} | " + " | ".join(cells) + " |")
-  return lines
+def base_lines(args, base: dict, dense) -> list[str]:
+  """The results' description of the data and the saturated base."""
+  model = model_config_from(dense, ByteTokenizer.vocab_size)
+  state = ("nearly stopped improving" if base["saturated"] else
+           f"still improving at the {args.preset['max_pretrain_steps']}-step cap")
+  return [
+      f"Data: stdlib `{args.corpus}` corpus, byte tokenizer, rows of {dense.data.seq_len}, batch "
+      f"{dense.train.batch_size}; validation loss over the same {EVAL_BATCHES} batches of the "
+      "validation split for every run.  ",
+      f"Base: {args.preset['model']}, {model.num_params() / 1e6:.2f}M params, "
+      f"{model.flops_per_token(dense.data.seq_len) / 1e6:.2f} MFLOPs/token; pre-trained at a "
+      f"constant rate {LEARNING_RATE} (after {PRETRAIN_WARMUP} warmup steps) for {base['steps']} "
+      f"steps, until the validation loss fell by under {args.saturation} nats/byte over the last "
+      f"{WINDOW} steps: it fell by {base['drop']:.4f} ({state}), to {base['curve'][-1][1]:.4f}."
+      "  ",
+      f"Extra runs: warmup {CONTINUE_WARMUP} steps continuing (fresh optimizer), "
+      f"{PRETRAIN_WARMUP} from scratch; cosine decay to {EXTRA_FINAL_LR} of the rate over each "
+      f"run's budget; the corpus in another order per seed; {EVALS} evaluations each.",
+  ]
 
 
-def plot(path: str, columns: dict[str, list[tuple[float, float]]], reference: float,
-         xlabel: str, title: str) -> None:
+def band(ax, curves: dict[int, list], x_per_step: float, label: str, **style) -> None:
+  """The seeds' mean validation curve against x, with a +- sd band where there are two or
+  more seeds."""
+  steps = np.array(next(iter(curves.values())))[:, 0]
+  losses = np.array([np.array(c)[:, 1] for c in curves.values()])
+  mean = losses.mean(axis=0)
+  ax.plot(steps * x_per_step, mean, marker=".", label=f"{label} ({len(curves)} seeds)",
+          **style)
+  if len(curves) > 1:
+    sd = losses.std(axis=0, ddof=1)
+    ax.fill_between(steps * x_per_step, mean - sd, mean + sd, alpha=0.25, **style)
+
+
+def plot_expert_load(path: str, workdirs: dict[str, str]) -> None:
+  """Per-expert load (the fraction of tokens the router sends to each expert, averaged over the
+  MoE layers) and its coefficient of variation against step, one panel per MoE arm."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for (name, points), marker in zip(columns.items(), "os^vD"):
-    ax.plot(*zip(*points), marker + "-", label=name, markersize=4)
-  ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="dense checkpoint")
-  # From the lowest loss to a little above the checkpoint's: a run from scratch enters the
-  # frame once it comes near the others.
-  ax.set_ylim(min(loss for points in columns.values() for _, loss in points) - 0.05,
-              reference + 0.35)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel("validation loss (nats/byte)")
-  ax.set_title(title, fontsize=10)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-
-
-def reading(columns: dict[str, list[tuple[float, float]]]) -> str:
-  """What the final validation losses say about the paper's claim (one seed: no spread)."""
-  dense, upcycled, scratch = (columns[name][-1][1]
-                              for name in ("dense continued", "upcycled", "MoE from scratch"))
-  gap = upcycled - dense
-  verdict = ("not reproduced" if gap >= 0 else
-             "in the claimed direction, but one seed cannot show it beyond seed noise")
-  return (f"**Reading: {verdict}.** The claim: at equal extra compute the upcycled model ends "
-          f"below the dense model trained on, and far below the same MoE from scratch. Here "
-          f"upcycled - dense continued = {gap:+.3f} nats/byte and MoE from scratch - upcycled = "
-          f"{scratch - upcycled:+.3f}, from one seed and a dense model 300 steps from random "
-          "(not near convergence): a test at this design cannot separate the arms from seed "
-          "noise.")
-
-
-def plot_expert_load(path: str, workdirs: dict[str, str], num_experts: int) -> None:
-  """Per-expert load (the fraction of token copies the router sends to each expert, before any
-  drop, averaged over the MoE layers) and its coefficient of variation against step, one panel
-  per MoE arm: whether the routers spread the tokens or collapse onto a few experts."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, len(workdirs), figsize=(5.5 * len(workdirs), 4), sharey=True)
-  for ax, (name, workdir) in zip(axes, workdirs.items()):
+  fig, axes = plt.subplots(1, len(workdirs), figsize=(5.5 * len(workdirs), 4), sharey=True,
+                           squeeze=False)
+  for ax, (name, workdir) in zip(axes[0], workdirs.items()):
     records = [r for r in read_metrics(workdir) if "moe_load_cv" in r]
     steps = [r["step"] for r in records]
-    for expert in range(num_experts):
+    for expert in range(NUM_EXPERTS):
       ax.plot(steps, [r[f"moe_load/expert_{expert}"] for r in records], linewidth=1)
-    ax.axhline(1 / num_experts, color="gray", linestyle="--", linewidth=1, label="uniform")
+    ax.axhline(1 / NUM_EXPERTS, color="gray", linestyle="--", linewidth=1, label="uniform")
     cv = ax.twinx()
     cv.plot(steps, [r["moe_load_cv"] for r in records], "k:", label="CV (right axis)")
     cv.set_ylabel("coefficient of variation of the loads")
-    ax.set(xlabel="step", ylabel="fraction of token copies", title=f"{name}: load per expert")
+    ax.set(xlabel="step", ylabel="fraction of tokens", title=f"{name}: load per expert")
     ax.legend(loc="upper left")
     cv.legend(loc="upper right")
   fig.tight_layout()
@@ -213,90 +321,114 @@ def plot_expert_load(path: str, workdirs: dict[str, str], num_experts: int) -> N
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  add_common_flags(parser, "experiments/results/upcycling")
-  parser.add_argument("--num_experts", type=int, default=8)
-  parser.add_argument("--top_k", type=int, default=2)
-  parser.add_argument("--moe_every", type=int, default=2)
-  args = parser.parse_args()
-  dense = dense_config(args)
-  dense_dir = os.path.join(args.workdir, "dense")
-  pretrain = train(dense, dense_dir)
-  moe = dict(mlp_impl="moe", moe=dict(num_experts=args.num_experts,
-                                      experts_per_token=args.top_k, every=args.moe_every))
-  dense_steps = round(args.extra * args.pretrain_steps / args.evals) * args.evals
-  moe_steps = equal_compute_steps(dense_steps, dense, extra_run(dense, 1, 1, **moe), args.evals)
-  runs = {  # name: (config, workdir)
-      "dense continued": (extra_run(dense, dense_steps, args.evals, init_from_workdir=dense_dir),
-                          "dense_continued"),
-      "upcycled": (extra_run(dense, moe_steps, args.evals, init_from_workdir=dense_dir, **moe),
-                   "upcycled"),
-      "MoE from scratch": (extra_run(dense, moe_steps, args.evals, **moe), "moe_scratch"),
-  }
-  unit = flops_per_step(dense) * args.pretrain_steps  # the dense pre-training's FLOPs
-  checkpoint_loss = pretrain[-1]["eval_loss"]
-  columns = {}
-  for name, (config, subdir) in runs.items():
-    records = train(config, os.path.join(args.workdir, subdir))
-    columns[name] = curve(start_eval_loss(config), records, flops_per_step(config) / unit)
-  # The training steps' time, summed over the runs (a re-run that reads finished runs back
-  # reports the time they took, not its own).
-  seconds = seconds_per_step(dense_dir) * args.pretrain_steps + sum(
-      seconds_per_step(os.path.join(args.workdir, subdir)) * config.train.steps
-      for config, subdir in runs.values())
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_common_flags(parser, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                        "upcycling"))
+  args = parse(parser)
+  base = pretrain(args)
+  dense = dense_config(args, base["steps"])
+  dense_steps = EVALS * max(round(args.extra * base["steps"] / EVALS), 1)
+  moe_steps = equal_compute_steps(dense_steps, dense, extra_run(dense, 1, 0, **MOE))
+  runner = Runner(deadline_timestamp(args.deadline))
+  arms = Arms(args, runner)
+  arms.add("dense continued", "dense_continued",
+           lambda s: extra_run(dense, dense_steps, s, init_from_workdir=base["workdir"]),
+           args.seeds)
+  arms.add("upcycled", "upcycled",
+           lambda s: extra_run(dense, moe_steps, s, init_from_workdir=base["workdir"], **MOE),
+           args.seeds)
+  arms.add("MoE from scratch", "moe_scratch", lambda s: extra_run(dense, moe_steps, s, **MOE),
+           args.seeds[:1])
+  arms.train()
+  write_results(args, base, dense, arms, dense_steps, moe_steps, runner)
 
-  moe_model = model_config_from(runs["upcycled"][0], ByteTokenizer.vocab_size)
+
+def write_results(args, base, dense, arms: Arms, dense_steps, moe_steps, runner) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  unit = flops_per_step(dense) * base["steps"]  # the pre-training's FLOPs
+  x_per_step = {name: flops_per_step(make(0)) / unit for name, (_, make, _) in arms.arms.items()}
+  curves = {name: arms.curves(name) for name in arms.arms}
+  moe_model = model_config_from(extra_run(dense, 1, 0, **MOE), ByteTokenizer.vocab_size)
   dense_model = model_config_from(dense, ByteTokenizer.vocab_size)
-  timing = {name: seconds_per_step(os.path.join(args.workdir, subdir))
-            for name, (_, subdir) in runs.items()}
-  command = (f"python experiments/upcycling.py --pretrain_steps {args.pretrain_steps} --extra "
-             f"{args.extra} --evals {args.evals} --num_experts {args.num_experts} --top_k "
-             f"{args.top_k} --moe_every {args.moe_every} --learning_rate {args.learning_rate} "
-             f"--corpus {args.corpus}")
-  lines = header("Sparse upcycling: validation loss against extra compute", command, seconds,
-                 took=" of train steps (summed over the runs; compilation, evaluation excluded)")
-  lines += [
-      f"Data: stdlib `{args.corpus}` corpus, byte tokenizer, seq_len {SEQ_LEN}, batch "
-      f"{BATCH_SIZE}; validation loss over {EVAL_BATCHES} batches of the validation split.  ",
-      f"Dense: {DENSE_MODEL}, {dense_model.num_params() / 1e6:.2f}M params, "
-      f"{dense_model.flops_per_token(SEQ_LEN) / 1e6:.2f} MFLOPs/token; pre-trained "
-      f"{args.pretrain_steps} steps (validation loss {checkpoint_loss:.3f}).  ",
-      f"MoE: {args.num_experts} experts, top-{args.top_k} dropless, in every "
-      f"{ordinal(args.moe_every)} layer: {moe_model.num_params() / 1e6:.2f}M params, "
-      f"{moe_model.flops_per_token(SEQ_LEN) / 1e6:.2f} MFLOPs/token "
-      f"({moe_model.flops_per_token(SEQ_LEN) / dense_model.flops_per_token(SEQ_LEN):.3f}x "
-      f"dense), so at equal extra compute the MoE arms take {moe_steps} steps to the dense "
-      f"arm's {dense_steps} (same batch).  ",
-      f"Learning rate {args.learning_rate}: pre-training constant after a "
-      f"{dense.train.warmup_steps}-step warmup; each extra run warms up ({CONTINUE_WARMUP} "
-      f"steps when continuing with a fresh optimizer, {dense.train.warmup_steps} from scratch) "
-      f"and decays (cosine) to {EXTRA_FINAL_LR} of it over its budget; the extra training "
-      "reads the corpus in another order (data.shuffle_seed=1).  ",
-      "Seconds per train step on this machine (not part of the comparison, which is in FLOPs"
-      + ("; XLA:CPU computes the dropless path's ragged_dot as a dense matmul over every "
-         "expert" if jax.default_backend() == "cpu" else "") + "): "
-      + ", ".join(f"{name} {t:.2f}" for name, t in timing.items()) + ".",
-      "",
-      "Extra compute is the FLOPs spent after the dense checkpoint as a fraction of the dense "
-      "pre-training's. Eval 0 is each run's starting point, before its first step: the dense "
-      "checkpoint, the upcycled model, a random init.",
-      "",
-      *curves_table(columns, "extra compute"),
-      "",
-      "", reading(columns),
-      "",
-      f"![expert load]({os.path.basename(args.out)}_expert_load.png): each expert's share of "
-      "the token copies over training (averaged over the MoE layers) and the loads' "
-      "coefficient of variation, for the two MoE arms.",
-  ]
+  seq_len = dense.data.seq_len
+  up_vs_dense = paired_gap(curves["upcycled"], curves["dense continued"])
+  lines = header("Sparse upcycling: from a saturated dense checkpoint, at equal extra compute",
+                 f"python experiments/upcycling.py --workdir {args.workdir} "
+                 + common_command(args), base["seconds"] + runner.seconds,
+                 took=" of training (pre-training and every run, summed)")
+  lines += ["", *base_lines(args, base, dense),
+            f"MoE: {NUM_EXPERTS} experts in every other layer, top-1 (straight-through weight), "
+            f"dropless: {moe_model.num_params() / 1e6:.2f}M params, "
+            f"{moe_model.flops_per_token(seq_len) / 1e6:.3f} MFLOPs/token "
+            f"({moe_model.flops_per_token(seq_len) / dense_model.flops_per_token(seq_len):.3f}x "
+            f"dense: the router), so the extra budget of {args.extra} x the pre-training is "
+            f"{dense_steps} dense steps or {moe_steps} MoE steps.", "",
+            "Validation loss (nats/byte) at the end of the extra budget, mean +- sd over seeds; "
+            "step 0 is each run's start (the checkpoint, the upcycled model, a random init):", "",
+            "| arm | seeds | step 0 | end of budget | steps | wall s/step |", "|---|---|---|---|---|---|"]
+  for name, found in curves.items():
+    if found:
+      seconds = [runner.runs[name, seed]["seconds"] for seed in found]
+      lines.append(f"| {name} | {len(found)} | {describe(mean_sd(c[0][1] for c in found.values()))}"
+                   f" | {describe(mean_sd(c[-1][1] for c in found.values()), 4)} | "
+                   f"{next(iter(found.values()))[-1][0]} | "
+                   f"{np.mean(seconds) / arms.arms[name][1](0).train.steps:.2f} |")
+  reproduced, sentence = gap_reading(up_vs_dense, "upcycled - dense continued")
+  scratch = paired_gap(curves["MoE from scratch"], curves["upcycled"])
+  lines += ["", f"**Reading: {'reproduced' if reproduced else 'not reproduced'} at this scale.** "
+            "The claim: at equal extra compute an upcycled model ends below the dense model "
+            "trained on (and far below the same MoE from scratch). Here " + sentence + "."
+            + (f" MoE from scratch - upcycled = {np.mean(scratch):+.4f} (one seed)."
+               if scratch else "")
+            + ("" if base["saturated"] else " The base had not saturated (see above), which "
+               "favours the dense arm.")]
+  if runner.missing:
+    lines += ["", f"Missing ({len(runner.missing)} runs not started before the deadline): "
+              + "; ".join(f"{name} seed {seed}" for name, seed in runner.missing) + "."]
+  lines += ["", f"![upcycling]({os.path.basename(args.out)}.png) "
+            f"![expert load]({os.path.basename(args.out)}_expert_load.png): each expert's share "
+            "of the tokens over training (averaged over the MoE layers) and the loads' "
+            "coefficient of variation, for the two MoE arms (first seed)."]
   write(args.out + ".md", lines)
-  plot(args.out + ".png", columns, checkpoint_loss,
-       "extra training FLOPs / dense pre-training FLOPs",
-       f"dense {dense_model.num_params() / 1e6:.1f}M -> {args.num_experts} experts, "
-       f"top-{args.top_k}, in every {ordinal(args.moe_every)} layer")
+
+  fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for (name, found), color in zip(curves.items(), ("C0", "C1", "C2")):
+    if found:
+      band(ax, found, x_per_step[name], name, color=color)
+  ax.axhline(base["curve"][-1][1], color="gray", linestyle="--", linewidth=1,
+             label="dense checkpoint")
+  finals = [c[-1][1] for found in curves.values() for c in found.values()]
+  ax.set_ylim(min(finals) - 0.03, base["curve"][-1][1] + 0.15)
+  ax.set(xlabel="extra training FLOPs / dense pre-training FLOPs",
+         ylabel="validation loss (nats/byte)", title="validation loss (mean +- sd over seeds)")
+  ax.legend(fontsize=8)
+  both = [s for s in curves["upcycled"] if s in curves["dense continued"]]
+  if both:
+    gaps = np.array([np.array(curves["upcycled"][s])[:, 1]
+                     - np.array(curves["dense continued"][s])[:, 1] for s in both])
+    x = np.array(curves["upcycled"][both[0]])[:, 0] * x_per_step["upcycled"]
+    gap_ax.plot(x, gaps.mean(axis=0), "k.-", label=f"upcycled - dense ({len(both)} seeds)")
+    if len(both) > 1:
+      sd = gaps.std(axis=0, ddof=1)
+      gap_ax.fill_between(x, gaps.mean(axis=0) - sd, gaps.mean(axis=0) + sd, color="gray",
+                          alpha=0.3, label="+- sd")
+  gap_ax.axhline(0, color="gray", linewidth=0.8)
+  gap_ax.set(xlabel="extra training FLOPs / dense pre-training FLOPs",
+             ylabel="validation loss gap (nats/byte)",
+             title="upcycled - dense continued, paired per seed")
+  gap_ax.legend(fontsize=8)
+  for a in (ax, gap_ax):
+    a.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(args.out + ".png", dpi=120)
   plot_expert_load(args.out + "_expert_load.png",
-                   {name: os.path.join(args.workdir, runs[name][1])
-                    for name in ("upcycled", "MoE from scratch")}, args.num_experts)
+                   {name: arms.workdir(name, args.seeds[0]) for name in ("upcycled",
+                                                                          "MoE from scratch")
+                    if (name, args.seeds[0]) in runner.runs})
 
 
 if __name__ == "__main__":
