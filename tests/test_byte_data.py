@@ -403,3 +403,19 @@ def test_bad_byte_inputs_are_clear_errors(tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline, "load_source", lambda *_: custom)
   with pytest.raises(config.ConfigError, match="value 256 at byte 1"):
     batches(byte_config("cpu_states", tmp_path), split="train", global_batch_size=2)
+
+
+def test_short_tunes_keep_their_first_bars_and_midi_fields():
+  abc = ("X:7\nT:A title\nM:3/4\nL:1/8\n% a comment\nK:G\nD2|G2 B2 d2|c2 A2 F2 % end\n"
+         "w: words\nG6|]\n")
+  assert abc_midi.short_tune(abc, 2) == "X:1\nM:3/4\nL:1/8\nK:G\nD2|G2 B2 d2|\n"
+  assert abc_midi.short_tune(abc, 9) == "X:1\nM:3/4\nL:1/8\nK:G\nD2|G2 B2 d2|c2 A2 F2\nG6|]\n"
+  assert abc_midi.to_midi(abc_midi.short_tune(abc, 2)).startswith(b"MThd")
+
+
+def test_abc_and_midi_alone_are_the_conversions_parts(data_dir):
+  pairs = records(byte_config("abc_to_midi", data_dir, seq_len=8192), "train")
+  for alone, index in (("abc", 0), ("midi", 1)):
+    examples = records(byte_config(alone, data_dir, seq_len=8192), "train")
+    assert [[bytes(p) for p in e["parts"]] for e in examples] == [
+        [bytes(pair["parts"][index])] for pair in pairs]
