@@ -1,6 +1,7 @@
 """The first lines of every result file under experiments/results/: title, command, machine,
 date, commit, jax version and time taken (DESIGN.md: a committed result says all of them)."""
 import datetime
+import glob
 import os
 import platform
 import subprocess
@@ -32,3 +33,19 @@ def write(path: str, lines: list[str]) -> None:
   with open(path, "w") as f:
     f.write(text)
   print(text, end="")
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def show(name: str, start: str = "\n|") -> None:
+  """In a notebook: the committed result `experiments/results/<name>.md` from `start` (by default
+  its first table) on, then its figures (`<name>*.png`). The file's first lines name the command,
+  machine, date and commit."""
+  from IPython.display import Image, display
+
+  with open(os.path.join(RESULTS, name + ".md")) as f:
+    text = f.read()
+  print(text[text.index(start):].strip())
+  for path in sorted(glob.glob(os.path.join(RESULTS, glob.escape(name) + "*.png"))):
+    display(Image(filename=path))
