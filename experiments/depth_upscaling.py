@@ -35,11 +35,11 @@ import numpy as np
 
 from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.training import model_config_from
-from report import header, write
+from report import write
 from runs import Runner, deadline_timestamp, describe, mean_sd
-from upcycling import (EVALS, Arms, add_common_flags, band, base_lines, common_command,
+from upcycling import (EVALS, Arms, add_common_flags, band,
                        dense_config, equal_compute_steps, extra_run, flops_per_step,
-                       gap_reading, paired_gap, parse, pretrain)
+                       gap_reading, paired_gap, parse, pretrain, results_head)
 
 
 def recovery_step(curve: list, target: float) -> float | None:
@@ -96,11 +96,9 @@ def write_results(args, base, dense, arms: Arms, runner, deep, steps, equal_flop
   checkpoint = base["curve"][-1][1]
   deep_model = model_config_from(extra_run(dense, 1, 0, num_layers=deep),
                                  ByteTokenizer.vocab_size)
-  lines = header("Depth up-scaling: from a saturated dense checkpoint, at equal tokens and FLOPs",
-                 f"python experiments/depth_upscaling.py --workdir {args.workdir} --drop "
-                 f"{args.drop} " + common_command(args), base["seconds"] + runner.seconds,
-                 took=" of training (pre-training and every run, summed)")
-  lines += ["", *base_lines(args, base, dense),
+  lines = results_head(args, base, dense, runner, "Depth up-scaling: from a saturated dense "
+                       "checkpoint, at equal tokens and FLOPs", f"--drop {args.drop} ")
+  lines += [
             f"Up-scaled: layers [0, {dense.model.num_layers - args.drop}) then [{args.drop}, "
             f"{dense.model.num_layers}) of the checkpoint, {deep} layers, "
             f"{deep_model.num_params() / 1e6:.2f}M params, "

@@ -49,6 +49,7 @@ the same budget fraction: minutes on an H100.
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
@@ -261,12 +262,18 @@ def gap_reading(gap: list[float], what: str) -> tuple[bool, str]:
       f"{se:.4f}: {'beyond' if beyond else 'within'} twice it)")
 
 
-def base_lines(args, base: dict, dense) -> list[str]:
-  """The results' description of the data and the saturated base."""
+def results_head(args, base: dict, dense, runner: Runner, title: str, script_flags: str
+                 ) -> list[str]:
+  """A result file's header (the command: this script's `script_flags`, then the shared ones)
+  and its description of the data and the saturated base."""
   model = model_config_from(dense, ByteTokenizer.vocab_size)
+  command = (f"python experiments/{os.path.basename(sys.argv[0])} --workdir {args.workdir} "
+             + script_flags + common_command(args))
   state = ("nearly stopped improving" if base["saturated"] else
            f"still improving at the {args.preset['max_pretrain_steps']}-step cap")
   return [
+      *header(title, command, base["seconds"] + runner.seconds,
+              took=" of training (pre-training and every run, summed)"), "",
       f"Data: stdlib `{args.corpus}` corpus, byte tokenizer, rows of {dense.data.seq_len}, batch "
       f"{dense.train.batch_size}; validation loss over the same {EVAL_BATCHES} batches of the "
       "validation split for every run.  ",
@@ -356,11 +363,10 @@ def write_results(args, base, dense, arms: Arms, dense_steps, moe_steps, runner)
   dense_model = model_config_from(dense, ByteTokenizer.vocab_size)
   seq_len = dense.data.seq_len
   up_vs_dense = paired_gap(curves["upcycled"], curves["dense continued"])
-  lines = header("Sparse upcycling: from a saturated dense checkpoint, at equal extra compute",
-                 f"python experiments/upcycling.py --workdir {args.workdir} "
-                 + common_command(args), base["seconds"] + runner.seconds,
-                 took=" of training (pre-training and every run, summed)")
-  lines += ["", *base_lines(args, base, dense),
+  lines = results_head(args, base, dense, runner,
+                       "Sparse upcycling: from a saturated dense checkpoint, at equal extra "
+                       "compute", "")
+  lines += [
             f"MoE: {NUM_EXPERTS} experts in every other layer, top-1 (straight-through weight), "
             f"dropless: {moe_model.num_params() / 1e6:.2f}M params, "
             f"{moe_model.flops_per_token(seq_len) / 1e6:.3f} MFLOPs/token "
