@@ -3,7 +3,9 @@ a deadline past which no run starts, and the statistics over seeds.
 
 A run's `result.json` (written once it has finished) holds its validation curve ([step,
 eval_loss] pairs), its training-loss curve ([step, loss]) and its wall seconds; its existence is
-the mark of a finished run. An unfinished run's workdir resumes from its newest checkpoint.
+the mark of a finished run. An unfinished run's workdir resumes from its newest checkpoint. Two
+scripts may share runs (experiments/upcycling.py and depth_upscaling.py share the dense ones):
+while one trains a run its `training.lock` names the process, and the other waits for the result.
 """
 import datetime
 import json
@@ -39,6 +41,42 @@ def train(config, workdir: str) -> dict:
   return result
 
 
+def train_once(config, workdir: str, poll_seconds: float = 10.0) -> dict:
+  """`train`, unless a live process holds the run's lock: then its result, once written. A lock
+  left by a process that has died is taken over (its run resumes from its checkpoint)."""
+  os.makedirs(workdir, exist_ok=True)
+  lock = os.path.join(workdir, "training.lock")
+  while True:
+    try:
+      handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      break
+    except FileExistsError:
+      if (result := finished(workdir)) is not None:
+        return result
+      if not alive(lock):
+        os.remove(lock)
+        continue
+      time.sleep(poll_seconds)
+  os.write(handle, str(os.getpid()).encode())
+  os.close(handle)
+  try:
+    return train(config, workdir)
+  finally:
+    os.remove(lock)
+
+
+def alive(lock: str) -> bool:
+  """Whether the process a lock file names is running (an unreadable lock: assume so)."""
+  try:
+    with open(lock) as f:
+      os.kill(int(f.read()), 0)
+  except ProcessLookupError:
+    return False
+  except (OSError, ValueError):
+    return True
+  return True
+
+
 def final_loss(result: dict) -> float:
   return result["curve"][-1][1]
 
@@ -66,7 +104,7 @@ class Runner:
       if self.deadline is not None and time.time() + self._seconds_per_cost * cost > self.deadline:
         self.missing.append(key)
         return None
-      result = train(config() if callable(config) else config, workdir)
+      result = train_once(config() if callable(config) else config, workdir)
       print(f"{key}: val loss {final_loss(result):.4f} in {result['seconds']:.0f} s", flush=True)
     self.seconds += result["seconds"]
     self._seconds_per_cost = max(self._seconds_per_cost, result["seconds"] / cost)
