@@ -341,6 +341,35 @@ def test_wav_clips_parse_with_wave_and_their_labels_mean_waveforms(data_dir):
   assert next(iter(batches(c, split="train")))["label"].dtype == np.int32
 
 
+def test_small_builds_hold_8x8_digits_and_short_clips(data_dir):
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  for example in records(byte_config("digits_bmp", data_dir, byte_config="8x8"), "train")[:8]:
+    data = bytes(example["parts"][0])
+    assert len(data) == 246 and struct.unpack("<ii", data[18:26]) == (8, 8)
+    ink = np.round(16 - np.frombuffer(data[54:], np.uint8).reshape(8, 8, 3)[::-1, :, 0] / 255 * 16)
+    assert any(np.array_equal(digits.images[i], ink)
+               for i in np.flatnonzero(digits.target == example["label"]))
+  for example in records(byte_config("wav_tones", data_dir, byte_config="short"), "validation"):
+    with wave.open(io.BytesIO(bytes(example["parts"][0]))) as clip:
+      assert 160 <= clip.getnframes() <= 240  # 20-30 ms at 8 kHz
+
+
+@pytest.mark.parametrize("dataset,base", [("digits_bmp", "8x8"), ("wav_tones", "short")])
+def test_labelled_subsets_draw_n_of_each_class_from_their_base(data_dir, dataset, base):
+  def split(config, name):
+    return [(bytes(e["parts"][0]), e["label"])
+            for e in records(byte_config(dataset, data_dir, byte_config=config), name)]
+  train = set(split(base, "train"))
+  draws = [split(f"{base}_10_s{seed}", "train") for seed in (0, 1)]
+  classes = byte_datasets.BYTE_DATASETS[dataset].num_classes
+  for draw in draws:
+    assert collections.Counter(label for _, label in draw) == {c: 10 for c in range(classes)}
+    assert set(draw) <= train
+  assert set(draws[0]) != set(draws[1])  # the seed draws
+  assert split(f"{base}_10_s0", "validation") == split(base, "validation")
+
+
 def test_abc_midi_pairs_in_both_directions(data_dir):
   c = byte_config("abc_to_midi", data_dir, seq_len=8192)
   tunes = dict(abc_midi.corpus_tunes())

@@ -11,8 +11,8 @@ for labelled data, a label.
 |---------------------------------------------|-------------------------|-------------------------|
 | `cpu_states` (tiny, short_*, 1k-100k, full) | train, validation, test | memory, initial, states |
 | `abc_midi` (tiny, full, short)              | train, validation       | abc, midi, id           |
-| `digits_bmp` (tiny, full)                   | train, validation       | bytes, label            |
-| `wav_tones` (tiny, full)                    | train, validation       | bytes, label            |
+| `digits_bmp` (tiny, full, 8x8, 8x8_*)       | train, validation       | bytes, label            |
+| `wav_tones` (tiny, full, short, short_*)    | train, validation       | bytes, label            |
 
 - cpu_states (cpu_states.py): random programs, their initial states and their states; an
   example is the memory block, the initial state (the prompt), then the states. Configs of one
@@ -42,8 +42,13 @@ for labelled data, a label.
   validation tunes; an example is a median of 165 bytes (ABC 40, MIDI 125), rows of 288 bytes
   hold about 95% whole. A tune whose ABC repeats an earlier one's is skipped (all configs).
 - digits_bmp (media.py): scikit-learn's 1797 digits as 32 x 32 BMPs; a seeded permutation puts
-  180 in validation. `tiny`: 64 train, 16 validation. Seconds.
-- wav_tones (media.py): `full`: 2000 train and 400 validation clips; `tiny`: 64 and 16. Seconds.
+  180 in validation. `tiny`: 64 train, 16 validation. `8x8`: the same split, the digits at their
+  own 8 x 8 pixels (246-byte BMPs). Seconds.
+- wav_tones (media.py): `full`: 2000 train and 400 validation clips; `tiny`: 64 and 16; `short`:
+  2000 and 400 clips of 20-30 ms (204-284 bytes). Seconds.
+- Labelled subsets, for classifiers trained on few labels: `8x8_<n>_s<d>` and `short_<n>_s<d>`
+  hold n in SUBSET_LABELS_PER_CLASS (10, 50) training examples of each class, draw d in
+  SUBSET_SEEDS (0-4) from their base's training split, and its whole validation split.
 """
 import dataclasses
 import zlib
@@ -214,15 +219,69 @@ class AbcMidi(_LocalBuilder):
           "skipped (music21 could not convert them)")
 
 
+@dataclasses.dataclass
+class LabelledConfig(SplitSizesConfig):
+  """A labelled build's sizes; `labels_per_class` > 0 keeps only that many training examples of
+  each class, drawn (by `subset_seed`) from the `train_examples` the build holds otherwise."""
+
+  labels_per_class: int = 0
+  subset_seed: int = 0
+
+
+@dataclasses.dataclass
+class DigitsConfig(LabelledConfig):
+  side: int = media.BMP_SIDE  # the images' width and height, in pixels
+
+
+@dataclasses.dataclass
+class ClipsConfig(LabelledConfig):
+  duration_s: tuple[float, float] = media.DURATION_S  # the clips' shortest and longest
+
+
+# The labelled subsets' draws: `<base>_<labels per class>_s<draw>` configs for each.
+SUBSET_SEEDS = range(5)
+SUBSET_LABELS_PER_CLASS = (10, 50)
+
+
+def _subsets(config: LabelledConfig) -> list[LabelledConfig]:
+  """`config` with `labels_per_class` of each of SUBSET_LABELS_PER_CLASS, for each draw."""
+  return [dataclasses.replace(config, name=f"{config.name}_{count}_s{seed}",
+                              labels_per_class=count, subset_seed=seed)
+          for count in SUBSET_LABELS_PER_CLASS for seed in SUBSET_SEEDS]
+
+
+def _train_subset(indices, labels: list[int], config: LabelledConfig) -> list[int]:
+  """The `indices` a build's train split holds: the first `train_examples`, then, if
+  `labels_per_class`, that many of each class among them (a seeded draw, in their order)."""
+  indices = list(indices)[:config.train_examples]
+  if not config.labels_per_class:
+    return indices
+  rng = np.random.default_rng([SEED, config.subset_seed])
+  kept = set()
+  for label in sorted({labels[i] for i in indices}):
+    of_label = [i for i in indices if labels[i] == label]
+    kept.update(rng.choice(of_label, config.labels_per_class, replace=False).tolist())
+  return [i for i in indices if i in kept]
+
+
+# The builds of small files, and their labelled subsets (experiments/bgpt_media.py): digits at
+# their own 8 x 8 pixels (246 bytes), clips of 20-30 ms (204-284 bytes).
+DIGITS_8X8 = DigitsConfig(name="8x8", train_examples=1617, validation_examples=180, side=8)
+SHORT_CLIPS = ClipsConfig(name="short", train_examples=2000, validation_examples=400,
+                          duration_s=(0.02, 0.03))
+
+
 class DigitsBmp(_LocalBuilder):
-  """scikit-learn's handwritten digits as 32 x 32 24-bit BMP files, labelled."""
+  """scikit-learn's handwritten digits as 24-bit BMP files (32 x 32, or 8 x 8), labelled."""
 
   name = "digits_bmp"
   VALIDATION_DIGITS = 180
   BUILDER_CONFIGS = [
-      SplitSizesConfig(name="tiny", train_examples=64, validation_examples=16),
-      SplitSizesConfig(name="full", train_examples=1797 - VALIDATION_DIGITS,
-                       validation_examples=VALIDATION_DIGITS),
+      DigitsConfig(name="tiny", train_examples=64, validation_examples=16),
+      DigitsConfig(name="full", train_examples=1797 - VALIDATION_DIGITS,
+                   validation_examples=VALIDATION_DIGITS),
+      DIGITS_8X8,
+      *_subsets(DIGITS_8X8),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -232,11 +291,12 @@ class DigitsBmp(_LocalBuilder):
         description="Handwritten digits (scikit-learn) as BMP files.")
 
   def _splits(self):
-    digits = media.digit_bmps()
+    config = self.builder_config
+    digits = media.digit_bmps(config.side)
     order = np.random.default_rng(SEED).permutation(len(digits))
     held_out, kept = order[:self.VALIDATION_DIGITS], order[self.VALIDATION_DIGITS:]
-    config = self.builder_config
-    return {"train": _labelled(digits, kept[:config.train_examples]),
+    labels = [label for _, label in digits]
+    return {"train": _labelled(digits, _train_subset(kept, labels, config)),
             "validation": _labelled(digits, held_out[:config.validation_examples])}
 
 
@@ -251,8 +311,10 @@ class WavTones(_LocalBuilder):
 
   name = "wav_tones"
   BUILDER_CONFIGS = [
-      SplitSizesConfig(name="tiny", train_examples=64, validation_examples=16),
-      SplitSizesConfig(name="full", train_examples=2000, validation_examples=400),
+      ClipsConfig(name="tiny", train_examples=64, validation_examples=16),
+      ClipsConfig(name="full", train_examples=2000, validation_examples=400),
+      SHORT_CLIPS,
+      *_subsets(SHORT_CLIPS),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -263,12 +325,12 @@ class WavTones(_LocalBuilder):
 
   def _splits(self):
     config = self.builder_config
-    sizes = {"train": config.train_examples, "validation": config.validation_examples}
-    splits = {}
-    for index, (split, size) in enumerate(sizes.items()):
-      clips = media.sound_clips(size, seed=[SEED, index])
-      splits[split] = _labelled(clips, range(size))
-    return splits
+    train, validation = (
+        media.sound_clips(size, seed=[SEED, index], duration_s=config.duration_s)
+        for index, size in enumerate((config.train_examples, config.validation_examples)))
+    labels = [label for _, label in train]
+    return {"train": _labelled(train, _train_subset(range(len(train)), labels, config)),
+            "validation": _labelled(validation, range(len(validation)))}
 
 
 class ByteDataset(NamedTuple):

@@ -1,13 +1,13 @@
 """Labelled digital media as file bytes, for bGPT's byte-stream classification.
 
 - `digit_bmps`: scikit-learn's handwritten digits (1797 images of 8 x 8 pixels, 17 grey levels,
-  shipped with the package) upscaled 4x to 32 x 32, black ink on white, written as 24-bit BMP
-  files (3126 bytes: a 54-byte header, then rows bottom-up, 96 bytes each); the label is the
-  digit.
+  shipped with the package) upscaled to `side` x `side` (by default 4x, to 32 x 32; `side=8`:
+  as they are), black ink on white, written as 24-bit BMP files (a 54-byte header, then rows
+  bottom-up, 3 * side bytes each: 3126 bytes at 32 x 32, 246 at 8 x 8); the label is the digit.
 - `sound_clips`: 8-bit unsigned, 8 kHz, mono WAV files (python's `wave`; a 44-byte header) of
   one generated tone each; the label is its waveform, `WAVEFORMS[label]`: sine, square,
   sawtooth or white noise, at a random pitch (log-uniform in 200-1000 Hz; noise has none),
-  duration (0.1-0.25 s) and amplitude (0.3-0.9 of full scale). Deterministic by seed.
+  duration (by default 0.1-0.25 s) and amplitude (0.3-0.9 of full scale). Deterministic by seed.
 """
 import io
 import struct
@@ -38,11 +38,12 @@ def bmp_bytes(rgb: np.ndarray) -> bytes:
   return file_header + info_header + pixels.tobytes()
 
 
-def digit_bmps() -> list[tuple[bytes, int]]:
-  """(BMP bytes, digit) for each of scikit-learn's 1797 digits, in its order."""
+def digit_bmps(side: int = BMP_SIDE) -> list[tuple[bytes, int]]:
+  """(BMP bytes, digit) for each of scikit-learn's 1797 digits, in its order, as images of
+  `side` x `side` pixels (a multiple of 8)."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top (slow import)
   digits = load_digits()
-  scale = BMP_SIDE // digits.images.shape[1]
+  scale = side // digits.images.shape[1]
   examples = []
   for image, label in zip(digits.images, digits.target):
     grey = np.round(255 - image / 16 * 255).astype(np.uint8)  # ink (16) black on white (0)
@@ -51,9 +52,10 @@ def digit_bmps() -> list[tuple[bytes, int]]:
   return examples
 
 
-def _tone(rng: np.random.Generator, waveform: str) -> np.ndarray:
-  """One clip's samples in [-1, 1]."""
-  length = int(rng.uniform(*DURATION_S) * SAMPLE_RATE)
+def _tone(rng: np.random.Generator, waveform: str,
+          duration_s: tuple[float, float]) -> np.ndarray:
+  """One clip's samples in [-1, 1], of a duration uniform in `duration_s` (seconds)."""
+  length = int(rng.uniform(*duration_s) * SAMPLE_RATE)
   pitch = float(np.exp(rng.uniform(*np.log(PITCH_HZ))))
   phase = (rng.uniform() + pitch * np.arange(length) / SAMPLE_RATE) % 1.0  # cycles, in [0, 1)
   amplitude = rng.uniform(*AMPLITUDE)
@@ -79,12 +81,13 @@ def wav_bytes(samples: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def sound_clips(count: int, seed) -> list[tuple[bytes, int]]:
-  """`count` (WAV bytes, waveform index) pairs, waveforms uniformly at random; `seed` is any
-  seed `np.random.default_rng` takes."""
+def sound_clips(count: int, seed, duration_s: tuple[float, float] = DURATION_S
+                ) -> list[tuple[bytes, int]]:
+  """`count` (WAV bytes, waveform index) pairs, waveforms uniformly at random, durations
+  uniform in `duration_s` (seconds); `seed` is any seed `np.random.default_rng` takes."""
   rng = np.random.default_rng(seed)
   clips = []
   for _ in range(count):
     label = int(rng.integers(len(WAVEFORMS)))
-    clips.append((wav_bytes(_tone(rng, WAVEFORMS[label])), label))
+    clips.append((wav_bytes(_tone(rng, WAVEFORMS[label], duration_s)), label))
   return clips
