@@ -262,7 +262,7 @@ def analyse(args, runner: Runner, rates: dict) -> dict:
   merge_steps = args.steps * args.merge_factor
   merges = {t: results(args, runner, rates, LTE, merge_steps, t) for t in args.merge_every}
   return dict(lengths=lengths, arms=arms, finals=finals, longest=longest, reach=reach,
-              merges=merges, merge_steps=merge_steps)
+              merges=merges, merge_steps=merge_steps, rates=rates)
 
 
 def reading(args, a: dict) -> list[str]:
@@ -327,6 +327,11 @@ def reading(args, a: dict) -> list[str]:
         + ", ".join(f"T={t} {describe(mean_sd(final_loss(r) for r in merges[t].values()))}"
                     for t in args.merge_every if merges.get(t))
         + f"; T={longest} minus T={shortest}: {described_gap(cost)} nats/byte.")
+  edge = [m for m, lr in a["rates"].items()
+          if lr in (min(args.learning_rates), max(args.learning_rates))]
+  if edge:
+    lines.append("The chosen learning rate is at the sweep's edge for " + ", ".join(edge)
+                 + ": a wider sweep might lower those losses.")
   lines.append(f"Scale: a {SIZES[args.model]['num_layers']}-layer width-{width(args)} model "
                f"({args.heads} heads x rank {rank(args)}), at most "
                f"{long_ * args.batch_size * SEQ_LEN / 1e6:.1f}M bytes a run; the paper trains "
