@@ -41,7 +41,7 @@ def base_config(model: str = registry.DEFAULT_MODEL) -> ml_collections.ConfigDic
       preference_dataset="cpu_states", preference_file="",
       data_dir=os.path.join(cache, "tensorflow_datasets"), cache_dir=cache,
       tokenizer="sentencepiece", vocab_size=4096, tokenizer_file="", seq_len=256,
-      shuffle_seed=0,
+      shuffle_seed=0, shuffle_tokens=2 ** 18,
       eval_split="validation"))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llm_research import config
-from llm_research.data import pipeline, tokenizers
+from llm_research.data import pipeline, stdlib_corpus, tokenizers
 
 UNICODE_TEXT = "héllo wörld\n\t日本語のテキスト 🙂🚀\r\n  ﬁ ① Å\u00a0\u200b  \n"
 
@@ -227,3 +227,24 @@ def test_empty_text_dir_is_a_clear_error(data_config, tmp_path):
 def test_batch_not_divisible_by_processes_is_a_clear_error(data_config):
   with pytest.raises(ValueError, match="global batch size 5 does not divide evenly over 2"):
     eval_batches(data_config, tokenizers.ByteTokenizer(), global_batch_size=5, process_count=2)
+
+
+def test_training_shuffles_shuffle_tokens_together(data_config, tmp_path):
+  """Four documents of 2000 rows each, one letter each: a window of the fewest chunks holds
+  only the first document's, so the first batch is all one letter; windows of
+  `data.shuffle_tokens` covering the four mix them from the first batch on."""
+  letters = "abcd"
+  for letter in letters:
+    (tmp_path / f"{letter}.txt").write_text(letter * 2000 * 32)
+  text_config = with_fields(data_config, source="text_dir", text_dir=str(tmp_path))
+  assert all(stdlib_corpus.split_of(f"{letter}.txt") == "train" for letter in letters)
+  tokenizer = tokenizers.ByteTokenizer()
+
+  def letters_in_first_batch(shuffle_tokens: int) -> set[str]:
+    iterator = pipeline.make_train_iterator(
+        with_fields(text_config, shuffle_tokens=shuffle_tokens), tokenizer,
+        global_batch_size=16, seed=0, process_index=0, process_count=1)
+    return set(tokenizer.decode(next(iterator)["targets"].ravel().tolist())) & set(letters)
+
+  assert len(letters_in_first_batch(0)) == 1
+  assert letters_in_first_batch(4 * 2000 * 32) == set(letters)

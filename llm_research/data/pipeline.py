@@ -33,6 +33,12 @@ The data config (`config.data`, an ml_collections ConfigDict):
   preference_file  a JSONL file of pairs, one {"prompt", "chosen", "rejected"} object a line
                  (preference_dataset='jsonl'); train/validation split by a hash of the prompt.
   shuffle_seed   meant as the `seed` the training loop passes to `make_train_iterator`.
+  shuffle_tokens how many tokens training shuffles together: windows of shuffle_tokens /
+                 seq_len chunks (at least MIN_SHUFFLE_CHUNKS). A long document fills a run of
+                 consecutive batches unless its chunks are a small part of a window (in the
+                 stdlib corpus 42% of the bytes are in files of over 64 KB: at seq_len 64 a
+                 window of 2 ** 22 tokens makes batches 300 steps apart as alike as neighbours,
+                 one of 2 ** 16 does not); a larger window costs memory and start-up time.
 
 A document becomes tokens [bos] + encode(text) + [eos], cut into chunks of at most seq_len + 1
 tokens that overlap by one; a chunk gives `inputs = chunk[:-1]`, `targets = chunk[1:]`. Chunks
@@ -73,8 +79,9 @@ from llm_research.errors import ConfigError
 
 # The values of data.source: the sources `load_source` reads.
 SOURCES = ("stdlib", "tfds", "text_dir", "bytes", "preferences")
-# Chunks shuffled together in training, so that a row's neighbours come from other documents.
-TRAIN_SHUFFLE_WINDOW = 1024
+# The fewest chunks training shuffles together (data.shuffle_tokens sets more), so that a row's
+# neighbours come from other documents.
+MIN_SHUFFLE_CHUNKS = 1024
 # Rows filled at once by first-fit packing (more rows: less padding, independent of batch size).
 PACKING_ROWS = 64
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
@@ -297,13 +304,14 @@ class _Flatten(grain.experimental.FlatMapTransform):
 
 
 def _packed_rows(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
-                 shuffle_seed: int | None) -> grain.IterDataset:
-  """Documents -> packed rows {inputs, targets, segment_ids, positions}, each [seq_len]."""
+                 shuffle_seed: int | None, shuffle_tokens: int = 0) -> grain.IterDataset:
+  """Documents -> packed rows {inputs, targets, segment_ids, positions}, each [seq_len]; with a
+  shuffle seed, the chunks shuffled in windows of `shuffle_tokens` (data.shuffle_tokens)."""
   chunks = documents.map(lambda record: _chunks(record, tokenizer, seq_len))
   chunks = grain.experimental.FlatMapIterDataset(chunks.to_iter_dataset(_READ_OPTIONS), _Flatten())
   if shuffle_seed is not None:
     chunks = grain.experimental.WindowShuffleIterDataset(
-        chunks, window_size=TRAIN_SHUFFLE_WINDOW, seed=shuffle_seed)
+        chunks, window_size=max(MIN_SHUFFLE_CHUNKS, shuffle_tokens // seq_len), seed=shuffle_seed)
   packed = grain.experimental.FirstFitPackIterDataset(
       chunks, length_struct={"inputs": seq_len, "targets": seq_len},
       num_packing_bins=PACKING_ROWS, shuffle_bins=False)
@@ -379,7 +387,8 @@ def _text_rows(data_config: ml_collections.ConfigDict, documents: grain.MapDatas
   if data_config.source == "preferences":  # pairs, one a record: shuffled with the records
     return preferences.packed_pairs(documents.to_iter_dataset(_READ_OPTIONS), tokenizer,
                                     data_config.seq_len, num_bins=PACKING_ROWS)
-  return _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=shuffle_seed)
+  return _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=shuffle_seed,
+                      shuffle_tokens=data_config.shuffle_tokens)
 
 
 def make_train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
@@ -389,7 +398,7 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Token
   """Endless training batches for this process: reshuffles its documents every epoch.
 
   `seed` (normally data.shuffle_seed) drives the document order and the shuffle of chunks
-  within windows of TRAIN_SHUFFLE_WINDOW; those windows blur epoch boundaries a little.
+  within windows of data.shuffle_tokens; those windows blur epoch boundaries a little.
   source='bytes': one example a row, in patches of `patch_size` (model.patch_size), labelled
   if `num_classes` (a classifier's model.num_classes) is not 0; the tokenizer is not used.
   """
