@@ -2,7 +2,7 @@
 checkpoint of experiments/upcycling.py (n layers), does the up-scaled model of 2 (n - m) layers,
 trained on, end below the dense model trained on, at equal tokens and at equal FLOPs?
 
-    python experiments/depth_upscaling.py --workdir /tmp/upcycling [--gpu] [--extra 0.25]
+    python experiments/depth_upscaling.py --workdir /tmp/upcycling [--gpu] [--extra 0.2]
         [--drop 1] [--seeds 0,1,2] [--deadline HH:MM] [--out experiments/results/depth_upscaling]
 
 The base, its pre-training to saturation, the extra runs' recipe and the seeds are

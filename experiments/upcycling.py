@@ -2,7 +2,7 @@
 nearly stopped improving, does an upcycled MoE beat the dense model trained on, at equal extra
 compute and equal active FLOPs per token?
 
-    python experiments/upcycling.py --workdir /tmp/upcycling [--gpu] [--extra 0.25]
+    python experiments/upcycling.py --workdir /tmp/upcycling [--gpu] [--extra 0.2]
         [--seeds 0,1,2] [--deadline HH:MM] [--out experiments/results/upcycling]
 
 The saturated base (shared with experiments/depth_upscaling.py through the same --workdir): a
@@ -68,7 +68,7 @@ from runs import Runner, deadline_timestamp, describe, mean_sd
 PRESETS = {
     "cpu": dict(model=dict(num_layers=4, embed_dim=64, num_heads=4, num_kv_heads=2,
                            head_dim=16, mlp_dim=176),
-                seq_len=64, batch_size=32, max_pretrain_steps=5000),
+                seq_len=64, batch_size=32, max_pretrain_steps=4000),
     "gpu": dict(model=dict(num_layers=8, embed_dim=256, num_heads=8, num_kv_heads=4,
                            head_dim=32, mlp_dim=704),
                 seq_len=256, batch_size=64, max_pretrain_steps=20000),
@@ -96,7 +96,7 @@ def add_common_flags(parser: argparse.ArgumentParser, out: str) -> None:
   """The flags this experiment shares with experiments/depth_upscaling.py."""
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--gpu", action="store_true", help="the lent-GPU preset (PRESETS)")
-  parser.add_argument("--extra", type=float, default=0.25,
+  parser.add_argument("--extra", type=float, default=0.2,
                       help="extra budget, as a fraction of the dense pre-training's FLOPs")
   parser.add_argument("--saturation", type=float, default=0.02,
                       help=f"pre-train until the validation loss fell by less over {WINDOW} steps")
