@@ -19,11 +19,17 @@ def commit() -> str:
   return out.strip() or "unknown"
 
 
+# The commit of the code that runs: read when a script starts (imports this), so that a commit
+# made while a long experiment runs is not named in its results.
+COMMIT_AT_START = commit()
+
+
 def header(title: str, command: str, seconds: float, took: str = "") -> list[str]:
-  """A result file's title, command and machine line; `took` qualifies the time taken."""
+  """A result file's title, command and machine line (the commit checked out when the script
+  started); `took` qualifies the time taken."""
   return [f"# {title}", "", f"Command: `{command}`  ",
           f"Machine: {platform.machine()}, {jax.devices()[0].device_kind}, {os.cpu_count()} "
-          f"cores; date {datetime.date.today()}; commit {commit()}; jax {jax.__version__}; "
+          f"cores; date {datetime.date.today()}; commit {COMMIT_AT_START}; jax {jax.__version__}; "
           f"took {seconds / 60:.1f} min{took}.  "]
 
 
