@@ -126,8 +126,8 @@ def write_results(args, base, dense, arms: Arms, runner, deep, steps, equal_flop
              "reproduced at equal tokens only, not at equal FLOPs" if vs_tokens else
              "not reproduced at this scale")
   dips = [c[0][1] - checkpoint for c in curves[upscaled].values()]
-  lines += ["", f"**Reading: {verdict}.** The claim: the up-scaled model starts worse than the base "
-            "(the seam), recovers, and ends better than the base trained on. "
+  lines += ["", f"**Reading: {verdict}.** The claim: the up-scaled model starts worse than the "
+            "base (the seam), recovers, and ends better than the base trained on. "
             + (f"Here it started {np.mean(dips):+.3f} nats/byte from the checkpoint; "
                if dips else "")
             + f"{tokens_sentence}; {flops_sentence}."

@@ -44,8 +44,8 @@ Rows are shuffled in windows of SHUFFLE_TOKENS, so that the stream's mix of file
 drift. Budget: the CPU preset (a 0.2M-param model, rows of 64 bytes, batch 32) takes about 25
 minutes of 2 idle cores (pre-training about 7 of them; XLA:CPU computes the dropless path's
 ragged_dot as a dense matmul over every expert, so an MoE step costs ~3x a dense one there; on a
-GPU it does not). `--gpu` pre-trains a 6M-param model (rows of 256, batch 64) to saturation and spends
-the same budget fraction: minutes on an H100.
+GPU it does not). `--gpu` pre-trains a 6M-param model (rows of 256, batch 64) to saturation and
+spends the same budget fraction: minutes on an H100.
 """
 import argparse
 import json
@@ -382,7 +382,8 @@ def write_results(args, base, dense, arms: Arms, dense_steps, moe_steps, runner)
             f"{dense_steps} dense steps or {moe_steps} MoE steps.", "",
             "Validation loss (nats/byte) at the end of the extra budget, mean +- sd over seeds; "
             "step 0 is each run's start (the checkpoint, the upcycled model, a random init):", "",
-            "| arm | seeds | step 0 | end of budget | steps | wall s/step |", "|---|---|---|---|---|---|"]
+            "| arm | seeds | step 0 | end of budget | steps | wall s/step |",
+            "|---|---|---|---|---|---|"]
   for name, found in curves.items():
     if found:
       seconds = [runner.runs[name, seed]["seconds"] for seed in found]
