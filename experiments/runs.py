@@ -59,8 +59,8 @@ def train_once(config, workdir: str, poll_seconds: float = 10.0) -> dict:
       time.sleep(poll_seconds)
   os.write(handle, str(os.getpid()).encode())
   os.close(handle)
-  try:
-    return train(config, workdir)
+  try:  # the holder before may have finished it between our look and the lock
+    return finished(workdir) or train(config, workdir)
   finally:
     os.remove(lock)
 
