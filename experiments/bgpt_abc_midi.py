@@ -32,10 +32,10 @@ The paper's variable is the direction and its conditioning, not tune length.
 Time budget: the CPU preset (the 1.16M-parameter bGPT of experiments/bgpt_cpu_states.py,
 `MODEL`; 4 arms x 2 seeds of 500 steps of 32 rows, 2 epochs) is sized for about 20 minutes of 2
 idle CPU cores (estimated; measured: 70 minutes of training, about 1 s a step, on 2 cores shared
-with three other experiments, load 6-8). `--gpu` is the preset for a lent GPU: the paper's 110M bGPT,
-3 seeds, 2000 steps of 64 rows (16 epochs; estimated at 1-2 minutes a run on one H100, not yet
-run): a model 100x larger trained 8x longer, which tests whether a conversion the CPU model
-does not learn needs only scale.
+with three other experiments, load 6-8). `--gpu` is the preset for a lent GPU: the paper's
+110M bGPT, 3 seeds, 2000 steps of 64 rows (16 epochs; estimated at 1-2 minutes a run on one
+H100, not yet run): a model 100x larger trained 8x longer, which tests whether a conversion the
+CPU model does not learn needs only scale.
 Re-running on the same workdir reuses finished runs and their scores; with `--deadline` (UTC) no
 run starts that would end after it, and the results name the missing runs.
 """
