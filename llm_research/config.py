@@ -28,9 +28,9 @@ def base_config(model: str = registry.DEFAULT_MODEL) -> ml_collections.ConfigDic
   c.model = ml_collections.ConfigDict(registry.config_section(model))
 
   # Data (llm_research.data.pipeline documents each field). source="bytes" is bGPT's raw bytes:
-  # byte_dataset "cpu_states" | "abc_to_midi" | "midi_to_abc" | "digits_bmp" | "wav_tones" (local
-  # TFDS builders, config byte_config: "tiny" | "full", cpu_states also "short_300" |
-  # "short_3k" | "short_30k" | "1k" | "10k" | "100k")
+  # byte_dataset "cpu_states" | "abc_to_midi" | "midi_to_abc" | "abc" | "midi" | "digits_bmp" |
+  # "wav_tones" (local TFDS builders, config byte_config: "tiny" | "full" and others,
+  # data/byte_datasets.py lists them)
   # or "files" (every file under byte_dir is one example); seq_len is then bytes per row.
   # source="preferences" is DPO's pairs: preference_dataset "cpu_states" | "jsonl" (from
   # preference_file).

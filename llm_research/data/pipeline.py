@@ -20,13 +20,15 @@ The data config (`config.data`, an ml_collections ConfigDict):
                  tokenizer='sentencepiece'; vocab_size is then the model's vocabulary, at
                  least the file's). llm_research.convert from-hf sets it. '' : none.
   seq_len        length of a packed row (source='bytes': of a row, in bytes).
-  byte_dataset   source='bytes': 'cpu_states' | 'abc_to_midi' | 'midi_to_abc' | 'digits_bmp' |
-                 'wav_tones' (local TFDS builders, byte_datasets.py; built into data_dir on
-                 first use) | 'files' (every non-hidden file under byte_dir is one example;
-                 train/validation split by a hash of the path, as text_dir).
-  byte_config    the builder config of byte_dataset: 'tiny' or 'full'; cpu_states also has
-                 'short_300', 'short_3k', 'short_30k', '1k', '10k', '100k' (byte_datasets.py
-                 says what each holds).
+  byte_dataset   source='bytes': 'cpu_states' | 'abc_to_midi' | 'midi_to_abc' | 'abc' |
+                 'midi' (each format alone) | 'digits_bmp' | 'wav_tones' (local TFDS builders,
+                 byte_datasets.py; built into data_dir on first use) | 'files' (every
+                 non-hidden file under byte_dir is one example; train/validation split by a
+                 hash of the path, as text_dir).
+  byte_config    the builder config of byte_dataset: 'tiny' or 'full', and per builder others
+                 (cpu_states 'short_300', 'short_3k', 'short_30k', '1k', '10k', '100k';
+                 abc_midi 'short'; digits_bmp '8x8' and its labelled subsets; wav_tones
+                 'short' and its subsets): byte_datasets.py says what each holds.
   byte_dir       the folder of source='bytes', byte_dataset='files'.
   preference_dataset  source='preferences': 'cpu_states' (pairs built here from the CPU
                  simulator, generated on the fly) | 'jsonl' (preference_file).
