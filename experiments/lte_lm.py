@@ -39,18 +39,19 @@ Writes `<out>.md` (the sweep; final losses with seed spread, paired gaps, the ta
 schedule length LTE and LoRA need to reach full rank's loss, interpolated in log steps; the
 merge intervals with the communication ratio cited from lte_communication_cpu.md; a reading
 written from the numbers) and `<out>.png` (validation loss against log step with seed bands;
-final loss against schedule length; the merge intervals). Finished runs are kept in the workdir
-and a re-run reads them back; with `--deadline HH:MM` (UTC) no run starts that would end after
-it (the order: the sweep, seed 0's longer runs, the other seeds' longest, seed 0's merge
-intervals, the other seeds' shorter runs, their merge intervals), and the results name the
-missing runs.
+final loss against schedule length; the paired gaps to full rank; the merge intervals).
+Finished runs are kept in the workdir and a re-run reads them back; with `--deadline HH:MM`
+(UTC) no run starts that would end after it (the order: the sweep, seed 0's longer runs, the
+other seeds' longest, seed 0's merge intervals, the other seeds' shorter runs, their merge
+intervals), and the results name the missing runs.
 
 The CPU preset (d64: width 64, 2 layers, 0.11M params; 300, 600 and 1200 steps of batch 16 x
 128 bytes; 2 seeds; 28 runs, 15,600 steps) is sized from the smoke runs: 0.09 s a full-rank
 step, 0.17 s an LTE step, 0.14-0.17 s a LoRA-alone step (one head on the whole batch costs what
 N heads on 1/N of it do) on 2 lightly shared cores, and 15-25 s to compile each of the 17
 distinct programs (seeds share them through the persistent cache): about 45 minutes there,
-an estimated 30 on idle cores, up to twice 45 beside three other experiments. `--gpu` is a
+an estimated 30 on idle cores, up to twice 45 beside three other experiments (measured: 75
+minutes of training, summed over the runs, beside three other experiments). `--gpu` is a
 larger preset for a lent GPU (d128, batch 64, 1000 steps: untested, no GPU was lent to this
 task).
 """
@@ -79,6 +80,7 @@ SEQ_LEN = 128
 EVALS = 10  # validation points per `--steps` (the longer runs evaluate on the same grid)
 TAIL = 0.2  # tail_drop: the drop over the last TAIL of the steps
 NEAR_CONVERGED = 0.01  # nats/byte over the tail: near convergence
+ENDS_HIGH = 0.05  # nats/byte: a run whose final loss is this far above its minimum ends in a rise
 COMMUNICATION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                              "lte_communication_cpu.md")
 
@@ -327,6 +329,7 @@ def reading(args, a: dict) -> list[str]:
         + ", ".join(f"T={t} {describe(mean_sd(final_loss(r) for r in merges[t].values()))}"
                     for t in args.merge_every if merges.get(t))
         + f"; T={longest} minus T={shortest}: {described_gap(cost)} nats/byte.")
+  lines += data_order(a)
   edge = [m for m, lr in a["rates"].items()
           if lr in (min(args.learning_rates), max(args.learning_rates))]
   if edge:
@@ -337,6 +340,42 @@ def reading(args, a: dict) -> list[str]:
                f"{long_ * args.batch_size * SEQ_LEN / 1e6:.1f}M bytes a run; the paper trains "
                "ViTs and 100M+ parameter language models for far longer.")
   return [f"- {line}" for line in lines]
+
+
+def rise(result: dict) -> float:
+  """The largest rise of a run's validation loss above its running minimum."""
+  losses = np.array(result["curve"])[:, 1]
+  return float(np.max(losses - np.minimum.accumulate(losses)))
+
+
+def data_order(a: dict) -> list[str]:
+  """A caveat where a method's mean final loss is not monotone in the schedule length: how far
+  the validation loss rose within the seeds' runs (the same batches at the same steps for every
+  method and length of a seed)."""
+  arms, lengths = a["arms"], a["lengths"]
+  rising = [f"{m} from {n} to {k} steps" for m in METHODS for n, k in zip(lengths, lengths[1:])
+            if arms[m, n] and arms[m, k] and seed_mean(arms[m, k]) > seed_mean(arms[m, n])]
+  if not rising:
+    return []
+  seeds = sorted({s for runs in arms.values() for s in runs})
+  worst = max(seeds, key=lambda s: max(rise(r[s]) for r in arms.values() if s in r))
+  return [
+      "The mean final loss rises with the schedule length for " + ", ".join(rising) + ". Within "
+      "the runs the validation loss rose above its running minimum by up to "
+      + ", ".join(f"{max(rise(r[s]) for r in arms.values() if s in r):.3f} (seed {s})"
+                  for s in seeds)
+      + f"; in seed {worst}'s longest runs by " + ", ".join(
+          f"{rise(arms[m, a['longest'][m]][worst]):.3f} ({m})" for m in METHODS
+          if worst in arms[m, a["longest"][m]])
+      + ": a stretch of that seed's data order, which every method and length of the seed "
+      "sees at the same steps, raises them all, by different amounts. Runs that end more than "
+      f"{ENDS_HIGH} above their own minimum: " + (", ".join(
+          f"seed {s} at {n} steps" for s, n in sorted(
+              {(s, n) for (_, n), runs in arms.items() for s, r in runs.items()
+               if final_loss(r) - min(loss for _, loss in r["curve"]) > ENDS_HIGH}))
+          or "none")
+      + ". Their gaps, the means across lengths, the gains between lengths and the steps to "
+      "reach full rank's loss (interpolated between seed means) carry the rise."]
 
 
 def write_results(args, runner: Runner, rates: dict, a: dict, command: str) -> None:
@@ -416,7 +455,7 @@ def write_results(args, runner: Runner, rates: dict, a: dict, command: str) -> N
   write(args.out + ".md", lines)
 
   colors = dict(zip(METHODS, ("black", "tab:orange", "tab:blue")))
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
   for m in METHODS:
     for n in lengths:
       if arms[m, n]:
@@ -439,26 +478,37 @@ def write_results(args, runner: Runner, rates: dict, a: dict, command: str) -> N
       if own is not None:
         axes[1].axvline(own, color=colors[LTE], ls=":", lw=0.8,
                         label=f"LTE reaches it: {own:.0f} steps")
+  for m in (LORA, LTE):
+    gaps = [(n, *mean_sd(paired(arms[m, n], arms[FULL, n]).values())) for n in lengths
+            if arms[m, n] and arms[FULL, n]]
+    if gaps:
+      x, mean, sd = np.array(gaps).T
+      axes[2].errorbar(x, mean, yerr=np.nan_to_num(sd), marker="o", capsize=4, color=colors[m],
+                       label=f"{m} - full rank")
+  axes[2].axhline(0, color="black", lw=0.8)
   for t, runs in a["merges"].items():
     if runs:
       steps, mean, sd = mean_curve(runs)
-      axes[2].plot(steps, mean, label=f"T={t}")
-      axes[2].fill_between(steps, mean - sd, mean + sd, alpha=0.2)
+      axes[3].plot(steps, mean, label=f"T={t}")
+      axes[3].fill_between(steps, mean - sd, mean + sd, alpha=0.2)
   axes[0].set(xscale="log", xlabel="step (log)", ylabel="validation loss (nats/byte)",
               title="validation curves (seed mean +- sd; each length its own schedule)")
   axes[1].set(xscale="log", xlabel="steps of the schedule (log)", ylabel="final validation loss",
               title="final loss against schedule length (mean +- sd)")
-  axes[2].set(xscale="log", xlabel="step (log)", ylabel="validation loss (nats/byte)",
+  axes[2].set(xscale="log", xlabel="steps of the schedule (log)",
+              ylabel="final loss minus full rank's", title="gap to full rank at equal steps "
+              "(paired per seed, mean +- sd)")
+  axes[3].set(xscale="log", xlabel="step (log)", ylabel="validation loss (nats/byte)",
               title=f"LTE merge interval ({a['merge_steps']} steps, mean +- sd)")
   # The curves from their second evaluation (the first is far above the rest).
   top = max(mean_curve(r)[1][1] for r in [*arms.values(), *a["merges"].values()] if r) + 0.05
   first = max(args.steps // EVALS, 1)
-  for ax, ticks in zip(axes, ([first, *lengths], lengths, [first, a["merge_steps"]])):
+  for ax, ticks in zip(axes, ([first, *lengths], lengths, lengths, [first, a["merge_steps"]])):
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  for ax in (axes[0], axes[2]):
+  for ax in (axes[0], axes[3]):
     ax.set_ylim(top=top)
   fig.suptitle(f"LTE vs full rank and LoRA alone, width {width(args)}, stdlib corpus",
                fontsize=11)
