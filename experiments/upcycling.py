@@ -392,6 +392,14 @@ def write_results(args, base, dense, arms: Arms, dense_steps, moe_steps, runner)
                    f"{next(iter(found.values()))[-1][0]} | "
                    f"{np.mean(seconds) / arms.arms[name][1](0).train.steps:.2f} |")
   reproduced, sentence = gap_reading(up_vs_dense, "upcycled - dense continued")
+  both = [s for s in curves["upcycled"] if s in curves["dense continued"]]
+  if both:  # the paired gap's course: its worst evaluation and half-way through the budget
+    gaps = np.mean([np.array(curves["upcycled"][s])[:, 1]
+                    - np.array(curves["dense continued"][s])[:, 1] for s in both], axis=0)
+    sentence += (f"; the gap peaked at {gaps.max():+.4f} (evaluation {gaps.argmax()} of "
+                 f"{len(gaps) - 1}), was {gaps[len(gaps) // 2]:+.4f} half-way and "
+                 + ("was still closing at the end" if gaps[-1] < gaps[-2] else
+                    "had stopped closing by the end"))
   scratch = paired_gap(curves["MoE from scratch"], curves["upcycled"])
   lines += ["", f"**Reading: {'reproduced' if reproduced else 'not reproduced'} at this scale.** "
             "The claim: at equal extra compute an upcycled model ends below the dense model "
