@@ -70,7 +70,8 @@ from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.metrics import read_metrics
 from llm_research.training import Trainer, trainable_mask
 from report import header, write
-from runs import Runner, deadline_timestamp, describe, final_loss, mean_sd, tail_drop
+from runs import (STDLIB_SHUFFLE_TOKENS, Runner, deadline_timestamp, describe, final_loss,
+                  mean_sd, tail_drop)
 
 FULL, LORA, LTE = METHODS = ("full rank", "LoRA alone", "LTE")
 SLUGS = {FULL: "full", LORA: "lora", LTE: "lte"}
@@ -97,7 +98,7 @@ def run_config(args, method: str, steps: int, learning_rate: float, merge: int, 
   config = base_config()
   config.model.update(**SIZES[args.model])
   config.data.update(source="stdlib", stdlib_config=args.corpus, tokenizer="byte",
-                     seq_len=SEQ_LEN, shuffle_seed=seed)
+                     seq_len=SEQ_LEN, shuffle_seed=seed, shuffle_tokens=STDLIB_SHUFFLE_TOKENS)
   config.train.update(steps=steps, batch_size=args.batch_size, learning_rate=learning_rate,
                       warmup_steps=max(args.steps // 10, 1), seed=seed,
                       eval_every=max(args.steps // EVALS, 1), eval_batches=16,

@@ -40,9 +40,9 @@ its band) and `<out>_expert_load.png` (the MoE arms' load per expert against ste
 are kept in the workdir and read back by a re-run; `--deadline` starts no run that would end
 after it, seed by seed.
 
-Rows are shuffled in windows of SHUFFLE_TOKENS, so that the stream's mix of files does not
-drift. Budget: the CPU preset (a 0.2M-param model, rows of 64 bytes, batch 32) takes about 25
-minutes of 2 idle cores (pre-training about 7 of them; XLA:CPU computes the dropless path's
+Rows are shuffled in windows of runs.STDLIB_SHUFFLE_TOKENS, so that the stream's mix of files
+does not drift. Budget: the CPU preset (a 0.2M-param model, rows of 64 bytes, batch 32) takes
+about 25 minutes of 2 idle cores (pre-training about 7 of them; XLA:CPU computes the dropless path's
 ragged_dot as a dense matmul over every expert, so an MoE step costs ~3x a dense one there; on a
 GPU it does not). `--gpu` pre-trains a 6M-param model (rows of 256, batch 64) to saturation and
 spends the same budget fraction: minutes on an H100.
@@ -63,7 +63,7 @@ from llm_research.metrics import read_metrics
 from llm_research.training import (Trainer, model_config_from, params_from_source,
                                    train_and_evaluate)
 from report import header, write
-from runs import Runner, deadline_timestamp, describe, mean_sd
+from runs import STDLIB_SHUFFLE_TOKENS, Runner, deadline_timestamp, describe, mean_sd
 
 PRESETS = {
     "cpu": dict(model=dict(num_layers=4, embed_dim=64, num_heads=4, num_kv_heads=2,
@@ -83,10 +83,6 @@ EVAL_BATCHES = 32
 EVALS = 8  # evaluations per extra run
 CONTINUE_WARMUP = 10  # steps: a fresh optimizer's moments settle before the full rate
 EXTRA_FINAL_LR = 0.1  # the extra runs' cosine decay ends at this fraction of the rate
-# Tokens shuffled together: the stream's mix of documents stays the same over the runs (with
-# the default window, rows of 64 bytes drift with the long files being read, and the validation
-# loss of a run with them, by up to 0.3 nats/byte between evaluations).
-SHUFFLE_TOKENS = 2 ** 22
 NUM_EXPERTS = 8
 MOE = dict(mlp_impl="moe", moe=dict(num_experts=NUM_EXPERTS, experts_per_token=1, every=2,
                                     top1_weight="straight_through"))
@@ -127,7 +123,7 @@ def dense_config(args, steps: int):
   config = base_config()
   config.model.update(**args.preset["model"])
   config.data.update(source="stdlib", stdlib_config=args.corpus, tokenizer="byte",
-                     seq_len=args.preset["seq_len"], shuffle_tokens=SHUFFLE_TOKENS)
+                     seq_len=args.preset["seq_len"], shuffle_tokens=STDLIB_SHUFFLE_TOKENS)
   config.train.update(steps=steps, batch_size=args.preset["batch_size"],
                       learning_rate=LEARNING_RATE, warmup_steps=PRETRAIN_WARMUP,
                       final_lr_fraction=1.0, eval_every=EVAL_EVERY, eval_batches=EVAL_BATCHES,
