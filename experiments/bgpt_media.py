@@ -36,8 +36,8 @@ batch order; the arms are paired by seed. Each arm picks its own learning rate b
 its other seeds train at that rate. The measure is accuracy on the held-out split at the end of
 fine-tuning (the same split picks the rate, for both arms alike). Writes `<out>.md` (tables and
 a reading written from the numbers: the claim reproduces for a modality if the pre-trained arm is
-ahead at the fewest labels by more than the seed spread, the standard deviation over seeds of the
-paired gain) and `<out>.png` (accuracy, mean +- sd, against labels per class; the pre-training
+ahead at the fewest labels by more than the seed spread: the paired gain's mean above twice its
+standard error over seeds, runs.beyond_spread) and `<out>.png` (accuracy, mean +- sd, against labels per class; the pre-training
 curves). Finished runs are kept in the workdir and read back by a re-run; with `--deadline HH:MM`
 (UTC) no run starts that would end past it, and the results name the missing runs.
 
@@ -64,7 +64,7 @@ from llm_research.data import byte_datasets, media
 from llm_research.metrics import read_metrics
 from llm_research.models import bgpt
 from report import header, write
-from runs import Runner, deadline_timestamp, describe, mean_sd, tail_drop
+from runs import Runner, beyond_spread, deadline_timestamp, describe, mean_sd, tail_drop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,12 +189,6 @@ def paired(cells: dict, name: str, count: str) -> dict | None:
   return dict(seeds=seeds, final=final, first=first, gain=gain)
 
 
-def beyond_spread(gain: list[float]) -> bool:
-  """The mean paired gain is larger than its spread over seeds (sd; two seeds at least)."""
-  mean, sd = mean_sd(gain)
-  return len(gain) >= 2 and abs(mean) > sd
-
-
 def percent(value: tuple[float, float]) -> str:
   """'mean +- sd' of accuracies, in percent."""
   return describe((100 * value[0], 100 * value[1]), digits=1) + "%"
@@ -203,7 +197,8 @@ def percent(value: tuple[float, float]) -> str:
 def count_summary(count: str, result: dict) -> str:
   """One label count's accuracies and paired gain, in words."""
   seeds = len(result["seeds"])
-  where = "beyond" if beyond_spread(result["gain"]) else "within"
+  gain = result["gain"]
+  where = "beyond" if beyond_spread(gain) or beyond_spread(-g for g in gain) else "within"
   return (f"{count} per class: {percent(mean_sd(result['final']['pre-trained']))} pre-trained "
           f"against {percent(mean_sd(result['final']['random init']))} from a random init, "
           f"paired gain {describe(tuple(100 * v for v in mean_sd(result['gain'])), 1)} points "
@@ -218,16 +213,16 @@ def modality_reading(name: str, pretrained: dict, cells: dict, args) -> list[str
             "runs)."]
   results = {count: paired(cells, name, count) for count in counts}
   fewest = results[counts[0]]
-  gain_few = mean_sd(fewest["gain"])[0]
-  if beyond_spread(fewest["gain"]) and gain_few > 0:
+  if beyond_spread(fewest["gain"]):
     verdict = "reproduced"
-  elif beyond_spread(fewest["gain"]):
+  elif beyond_spread(-g for g in fewest["gain"]):
     verdict = "not reproduced: the random init is ahead beyond the seed spread"
   else:
     verdict = "not reproduced: no difference beyond the seed spread"
   per_count = "; ".join(count_summary(count, r) for count, r in results.items())
   lines = [f"**{name}: {verdict}.** At the fewest labels ({counts[0]} per class) the claim needs "
-           f"the pre-trained arm ahead by more than the seed spread. {per_count}."]
+           f"the pre-trained arm ahead by more than the seed spread (twice the standard error "
+           f"of the paired gain). {per_count}."]
   if len(counts) > 1:
     gains = [mean_sd(results[count]["gain"])[0] for count in counts]
     most_where_few = gains[0] > max(gains[-1], 0)

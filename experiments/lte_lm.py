@@ -70,8 +70,8 @@ from llm_research.data.tokenizers import ByteTokenizer
 from llm_research.metrics import read_metrics
 from llm_research.training import Trainer, trainable_mask
 from report import header, write
-from runs import (STDLIB_SHUFFLE_TOKENS, Runner, deadline_timestamp, describe, final_loss,
-                  mean_sd, tail_drop)
+from runs import (STDLIB_SHUFFLE_TOKENS, Runner, beyond_spread, deadline_timestamp, describe,
+                  final_loss, mean_sd, tail_drop)
 
 FULL, LORA, LTE = METHODS = ("full rank", "LoRA alone", "LTE")
 SLUGS = {FULL: "full", LORA: "lora", LTE: "lte"}
@@ -174,13 +174,6 @@ def change(before: dict, after: dict) -> dict:
   return {s: before[s] - after[s] for s in before if s in after}
 
 
-def beyond_spread(gaps: dict) -> bool:
-  """The mean paired gap is positive and more than twice its standard error (two seeds or
-  more)."""
-  mean, sd = mean_sd(gaps.values())
-  return len(gaps) >= 2 and mean > 2 * sd / math.sqrt(len(gaps))
-
-
 def described_gap(gaps: dict) -> str:
   if not gaps:
     return "-"
@@ -279,8 +272,8 @@ def reading(args, a: dict) -> list[str]:
   lines = []
   # (2) LTE beats LoRA alone of the same rank; LoRA plateaus.
   lora_lte = gap(LORA, LTE, long_)
-  verdict = ("reproduced" if beyond_spread(lora_lte) else "not reproduced"
-             if beyond_spread({s: -g for s, g in lora_lte.items()})
+  verdict = ("reproduced" if beyond_spread(lora_lte.values()) else "not reproduced"
+             if beyond_spread(-g for g in lora_lte.values())
              else "not shown beyond the seed spread")
   lines.append(f"**LTE beats LoRA alone of the same rank ({verdict}).** At {long_} steps LoRA "
                f"alone minus LTE is {described_gap(lora_lte)} nats/byte; at {short} steps "
@@ -296,7 +289,7 @@ def reading(args, a: dict) -> list[str]:
       + f". Its gap to full rank went from {described_gap(gap(LORA, FULL, short))} at {short} "
       f"steps to {described_gap(gap(LORA, FULL, long_))} at {long_}: "
       + ("it falls behind full rank as training goes on (beyond the seed spread), a plateau "
-         "relative to full rank" if beyond_spread(lora_behind) else
+         "relative to full rank" if beyond_spread(lora_behind.values()) else
          "it does not fall further behind full rank beyond the seed spread, so no plateau "
          "shows at this length")
       + (f"; it is still falling by more than {NEAR_CONVERGED} nats/byte over the tail"
@@ -307,7 +300,7 @@ def reading(args, a: dict) -> list[str]:
   reach_short = a["reach"].get((LTE, short), {"own": (None, short, long_)})["own"]
   lines.append(
       "**LTE reaches full rank's loss given more steps ("
-      + ("reproduced" if reach_short[0] is not None and beyond_spread(closing) else
+      + ("reproduced" if reach_short[0] is not None and beyond_spread(closing.values()) else
          "partly: it reaches full rank's shortest-schedule loss, but its gap at equal steps does "
          "not close beyond the seed spread" if reach_short[0] is not None else "not reproduced")
       + ").** LTE minus full rank at equal steps: "
@@ -325,7 +318,7 @@ def reading(args, a: dict) -> list[str]:
     cost = paired(merges[longest], merges[shortest])
     lines.append(
         "**Longer merge intervals cost quality ("
-        + ("reproduced" if beyond_spread(cost) else "not shown beyond the seed spread")
+        + ("reproduced" if beyond_spread(cost.values()) else "not shown beyond the seed spread")
         + f").** At {a['merge_steps']} steps: "
         + ", ".join(f"T={t} {describe(mean_sd(final_loss(r) for r in merges[t].values()))}"
                     for t in args.merge_every if merges.get(t))

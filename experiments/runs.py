@@ -124,6 +124,14 @@ def mean_sd(values) -> tuple[float, float]:
   return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
+def beyond_spread(paired_gaps) -> bool:
+  """Whether the mean of paired per-seed gaps is positive and more than twice its standard error
+  over the seeds (two seeds at least): the fair tests' bar for an effect."""
+  gaps = list(paired_gaps)
+  mean, sd = mean_sd(gaps)
+  return len(gaps) >= 2 and mean > 2 * sd / math.sqrt(len(gaps))
+
+
 def describe(value: tuple[float, float], digits: int = 3) -> str:
   """'mean +- sd' (the mean alone where sd is nan)."""
   mean, sd = value
