@@ -36,8 +36,8 @@ batch order; the arms are paired by seed. Each arm picks its own learning rate b
 its other seeds train at that rate. The measure is accuracy on the held-out split at the end of
 fine-tuning (the same split picks the rate, for both arms alike). Writes `<out>.md` (tables and
 a reading written from the numbers: the claim reproduces for a modality if the pre-trained arm is
-ahead at the fewest labels by more than the seed spread: the paired gain's mean above twice its
-standard error over seeds, runs.beyond_spread) and `<out>.png` (accuracy, mean +- sd, against labels per class; the pre-training
+ahead at the fewest labels by more than the seed spread: the paired gain's mean above twice
+its standard error over seeds, runs.beyond_spread) and `<out>.png` (accuracy, mean +- sd, against labels per class; the pre-training
 curves). Finished runs are kept in the workdir and read back by a re-run; with `--deadline HH:MM`
 (UTC) no run starts that would end past it, and the results name the missing runs.
 
