@@ -37,9 +37,10 @@ its other seeds train at that rate. The measure is accuracy on the held-out spli
 fine-tuning (the same split picks the rate, for both arms alike). Writes `<out>.md` (tables and
 a reading written from the numbers: the claim reproduces for a modality if the pre-trained arm is
 ahead at the fewest labels by more than the seed spread: the paired gain's mean above twice
-its standard error over seeds, runs.beyond_spread) and `<out>.png` (accuracy, mean +- sd, against labels per class; the pre-training
-curves). Finished runs are kept in the workdir and read back by a re-run; with `--deadline HH:MM`
-(UTC) no run starts that would end past it, and the results name the missing runs.
+its standard error over seeds, runs.beyond_spread) and `<out>.png` (accuracy, mean +- sd, against
+labels per class; the pre-training curves). Finished runs are kept in the workdir and read back
+by a re-run; with `--deadline HH:MM` (UTC) no run starts that would end past it, and the results
+name the missing runs.
 
 Time budget: the CPU preset, a 1.2M-parameter bGPT, 2 pre-trainings of 8 epochs (404 and 500
 steps of batch 32) and 64 fine-tunes (4 rates x 2 arms x 2 counts x 2 modalities swept, 4 more
