@@ -248,3 +248,10 @@ def test_training_shuffles_shuffle_tokens_together(data_config, tmp_path):
 
   assert len(letters_in_first_batch(0)) == 1
   assert letters_in_first_batch(4 * 2000 * 32) == set(letters)
+
+
+def test_negative_shuffle_tokens_is_a_clear_error(data_config):
+  with pytest.raises(ValueError, match="data.shuffle_tokens=-1 must not be negative"):
+    pipeline.make_train_iterator(with_fields(data_config, shuffle_tokens=-1),
+                                 tokenizers.ByteTokenizer(), global_batch_size=4, seed=0,
+                                 process_index=0, process_count=1)

@@ -389,6 +389,8 @@ def _text_rows(data_config: ml_collections.ConfigDict, documents: grain.MapDatas
   if data_config.source == "preferences":  # pairs, one a record: shuffled with the records
     return preferences.packed_pairs(documents.to_iter_dataset(_READ_OPTIONS), tokenizer,
                                     data_config.seq_len, num_bins=PACKING_ROWS)
+  if data_config.shuffle_tokens < 0:
+    raise ConfigError(f"data.shuffle_tokens={data_config.shuffle_tokens} must not be negative")
   return _packed_rows(documents, tokenizer, data_config.seq_len, shuffle_seed=shuffle_seed,
                       shuffle_tokens=data_config.shuffle_tokens)
 
