@@ -63,7 +63,8 @@ from llm_research.metrics import read_metrics
 from llm_research.training import (Trainer, model_config_from, params_from_source,
                                    train_and_evaluate)
 from report import header, write
-from runs import STDLIB_SHUFFLE_TOKENS, Runner, deadline_timestamp, describe, mean_sd
+from runs import (STDLIB_SHUFFLE_TOKENS, Runner, beyond_spread, deadline_timestamp, describe,
+                  mean_sd)
 
 PRESETS = {
     "cpu": dict(model=dict(num_layers=4, embed_dim=64, num_heads=4, num_kv_heads=2,
@@ -259,8 +260,9 @@ def gap_reading(gap: list[float], what: str) -> tuple[bool, str]:
   if len(gap) < 2:
     return False, f"{what} = {mean:+.4f} nats/byte from one seed: no spread to judge it by"
   se = sd / np.sqrt(len(gap))
-  beyond = abs(mean) > 2 * se
-  return mean < 0 and beyond, (
+  lower = beyond_spread(-g for g in gap)
+  beyond = lower or beyond_spread(gap)
+  return lower, (
       f"{what} = {mean:+.4f} +- {sd:.4f} nats/byte over {len(gap)} seeds (standard error "
       f"{se:.4f}: {'beyond' if beyond else 'within'} twice it)")
 
